@@ -1,0 +1,263 @@
+"""Per-token log-probs and entropies straight from hidden states, never materializing [N x V].
+
+Math (per row ``n``, ``z = h_n W^T / T``, ``y`` the target)::
+
+    lse     = logsumexp(z)                 p = exp(z - lse)
+    logp    = z_y - lse
+    entropy = lse - sum_v p_v z_v          (= -sum p log p)
+    Ez      = sum_v p_v z_v = lse - entropy
+
+Backward, for upstream gradients ``g_l`` (of logp) and ``g_e`` (of entropy)::
+
+    dL/dz_v = g_l * 1[v == y] - p_v * (g_l + g_e * (z_v - Ez))
+    dL/dh   = (dL/dz) W / T               dL/dW = (dL/dz)^T h / T
+
+Only ``lse`` and ``entropy`` ([N] float32 each) are saved for backward; the logits are
+recomputed block by block.  Both backends walk the ``[N x V]`` plane in blocks of at most
+``_BLOCK_ELEMS`` elements (rows x vocabulary columns), so the workspace is fixed whatever N
+and V are.
+
+Backends
+--------
+* ``torch``: blocks computed with ``torch.mm``; forward merges vocabulary blocks with an
+  online log-sum-exp.  The CPU default.
+* ``triton``: the forward is one fused Triton kernel (logits tiles on tensor cores, online
+  log-sum-exp and entropy in registers, nothing written but three floats per row).  The
+  backward recomputes each block's logits *and* forms ``dL/dz`` in one Triton kernel, then
+  hands the block to cuBLAS for the two gradient products.  See
+  ``fastgrpo_kernels.linear_logprobs`` for why the backward is split that way.
+* ``reference``: the naive full-logits float64 computation, for tests only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["fused_logprobs", "naive_logprobs"]
+
+# Workspace budget of one [rows x vocab] block, in elements (fp32: 64 MiB).
+_BLOCK_ELEMS = 1 << 24
+_MAX_BLOCK_ROWS = 4096
+_BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def _block_shape(n: int, v: int, budget: int = _BLOCK_ELEMS) -> tuple[int, int]:
+    rows = max(1, min(n, _MAX_BLOCK_ROWS))
+    cols = max(1, min(v, budget // rows))
+    return rows, cols
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _validate(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              temperature: float, ignore_index: int, backend: str) -> None:
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got "
+                        f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., D] and weight [V, D] disagree on D: hidden "
+                         f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
+            or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if hidden.device != weight.device or hidden.device != targets.device:
+        raise ValueError(f"hidden, weight and targets must be on one device, got "
+                         f"{hidden.device}, {weight.device}, {targets.device}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0
+            and temperature != float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if targets.numel():
+        valid = targets != ignore_index
+        if bool(valid.any()):
+            t = targets[valid]
+            lo, hi = int(t.min()), int(t.max())
+            v = weight.shape[0]
+            if lo < 0 or hi >= v:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"target {bad} is outside [0, {v}) (vocabulary size {v}); "
+                                 f"use ignore_index={ignore_index} for positions to skip")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                           "before triton is imported to interpret the kernels on CPU")
+    return backend
+
+
+# ----------------------------------------------------------------------------- torch blocks
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # CPU matmuls in bf16/fp16 round their output; CUDA ones accumulate in fp32 on tensor cores.
+    return x.dtype if x.is_cuda else torch.float32
+
+
+def _torch_forward(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, inv_t: float):
+    n, v = h.shape[0], w.shape[0]
+    rows, cols = _block_shape(n, v)
+    cd = _compute_dtype(h)
+    lse = torch.empty(n, dtype=torch.float32, device=h.device)
+    ent = torch.empty_like(lse)
+    zy = torch.zeros_like(lse)
+    for r0 in range(0, n, rows):
+        hc = h[r0:r0 + rows].to(cd)
+        yc = y[r0:r0 + rows]
+        m = torch.full((hc.shape[0],), float("-inf"), device=h.device)
+        s = torch.zeros_like(m)   # sum exp(z - m)
+        t = torch.zeros_like(m)   # sum exp(z - m) * z
+        for c0 in range(0, v, cols):
+            z = (hc @ w[c0:c0 + cols].to(cd).T).float().mul_(inv_t)
+            m_new = torch.maximum(m, z.max(dim=1).values)
+            scale = torch.exp(m - m_new).nan_to_num_(0.0)  # m = -inf on the first block
+            e = torch.exp(z - m_new[:, None])
+            s = s * scale + e.sum(1)
+            t = t * scale + torch.where(e > 0, e * z, 0.0).sum(1)
+            m = m_new
+            hit = (yc >= c0) & (yc < c0 + z.shape[1])
+            idx = (yc - c0).clamp(0, z.shape[1] - 1)
+            zy[r0:r0 + rows] += torch.where(hit, z.gather(1, idx[:, None]).squeeze(1), 0.0)
+        lse[r0:r0 + rows] = m + torch.log(s)
+        ent[r0:r0 + rows] = lse[r0:r0 + rows] - t / s
+    return zy - lse, ent, lse
+
+
+def _torch_grad_logits(hc, wc, yc, c0, lse, ent, gl, ge, inv_t, out_dtype):
+    """dL/d(h W^T) for one [rows x cols] block whose vocabulary starts at column c0."""
+    cd = _compute_dtype(hc)
+    z = (hc.to(cd) @ wc.to(cd).T).float().mul_(inv_t)
+    p = torch.exp(z - lse[:, None])
+    ez = (lse - ent)[:, None]
+    # where p == 0 (z = -inf) the column contributes exactly nothing, never 0 * inf = nan
+    dz = torch.where(p > 0, -p * (gl[:, None] + ge[:, None] * (z - ez)), 0.0)
+    hit = (yc >= c0) & (yc < c0 + z.shape[1])
+    rows = torch.nonzero(hit).squeeze(1)
+    dz[rows, yc[rows] - c0] += gl[rows]
+    return dz.mul_(inv_t).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _triton_module():
+    from fastgrpo_kernels import linear_logprobs  # imported lazily: CPU users may lack triton
+    return linear_logprobs
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, y, inv_t, backend):
+        if backend == "triton":
+            logp, ent, lse = _triton_module().forward(h, w, y, inv_t)
+        else:
+            logp, ent, lse = _torch_forward(h, w, y, inv_t)
+        ctx.save_for_backward(h, w, y, lse, ent)
+        ctx.inv_t, ctx.backend = inv_t, backend
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, w, y, lse, ent = ctx.saved_tensors
+        inv_t = ctx.inv_t
+        gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        ge = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, v = h.shape[0], w.shape[0]
+        rows, cols = _block_shape(n, v)
+        # Gradients accumulate in fp32; the blocks themselves go through GEMMs in h's dtype.
+        gdtype = h.dtype if h.is_cuda else torch.float32
+        dh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if need_h else None
+        dw = torch.zeros(v, w.shape[1], dtype=torch.float32, device=w.device) if need_w else None
+        triton_grad = _triton_module().grad_logits if ctx.backend == "triton" else None
+        for r0 in range(0, n, rows):
+            sl = slice(r0, r0 + rows)
+            hc, yc = h[sl], y[sl]
+            if not h.is_cuda and not bool(gl[sl].any() or ge[sl].any()):
+                continue  # nothing flows into this block (e.g. all ignored); skip on CPU
+            hg = hc.to(gdtype)
+            for c0 in range(0, v, cols):
+                wc = w[c0:c0 + cols]
+                if triton_grad is not None:
+                    dz = triton_grad(hc, wc, yc, c0, lse[sl], ent[sl], gl[sl], ge[sl], inv_t,
+                                     out_dtype=gdtype)
+                else:
+                    dz = _torch_grad_logits(hc, wc, yc, c0, lse[sl], ent[sl], gl[sl], ge[sl],
+                                            inv_t, gdtype)
+                if need_h:
+                    dh[sl] += (dz @ wc.to(gdtype)).float()
+                if need_w:
+                    dw[c0:c0 + cols] += (dz.T @ hg).float()
+        return (dh.to(h.dtype) if need_h else None, dw.to(w.dtype) if need_w else None,
+                None, None, None)
+
+
+def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   temperature: float = 1.0, return_entropy: bool = False,
+                   ignore_index: int = -100, backend: str = "auto"):
+    """Log-probabilities of ``targets`` under ``softmax(hidden @ weight.T / temperature)``.
+
+    Args:
+        hidden: ``[..., D]`` final hidden states (bf16, fp16 or fp32).
+        weight: ``[V, D]`` lm_head weight, same dtype and device as ``hidden``.
+        targets: integer tensor shaped like ``hidden[..., 0]``; ``ignore_index`` positions
+            give 0 and receive no gradient.
+        temperature: divides the logits (sampling temperature of the rollout).
+        return_entropy: also return the entropy of the temperature-scaled distribution.
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"`` or
+            ``"reference"`` (naive full logits, tests only).
+
+    Returns:
+        ``logp`` (float32, shape of ``targets``), and ``entropy`` when asked for.  Both are
+        differentiable with respect to ``hidden`` and ``weight``.
+    """
+    _validate(hidden, weight, targets, temperature, ignore_index, backend)
+    backend = _resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        logp, ent = naive_logprobs(hidden, weight, targets, temperature=temperature,
+                                   ignore_index=ignore_index)
+        return (logp, ent) if return_entropy else logp
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = targets.reshape(-1).long()
+    valid = y != ignore_index
+    logp, ent = _FusedLogprobs.apply(h, w, torch.where(valid, y, -1), 1.0 / float(temperature),
+                                     backend)
+    zero = torch.zeros((), dtype=torch.float32, device=h.device)
+    logp = torch.where(valid, logp, zero).reshape(shape)
+    if not return_entropy:
+        return logp
+    return logp, torch.where(valid, ent, zero).reshape(shape)
+
+
+def naive_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-100,
+                   dtype=torch.float64):
+    """Full-logits reference in ``dtype`` (float64 by default).  Allocates [N x V]: tests only."""
+    z = (hidden.to(dtype) @ weight.to(dtype).T) / temperature
+    logz = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    idx = torch.where(valid, targets, 0).long()
+    logp = logz.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    p = logz.exp()
+    ent = -(torch.where(p > 0, p * logz, torch.zeros_like(p))).sum(-1)
+    zero = torch.zeros((), dtype=dtype, device=z.device)
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
