@@ -35,7 +35,7 @@ import os
 
 import torch
 
-__all__ = ["fused_logprobs", "naive_logprobs"]
+__all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward"]
 
 # Workspace budget of one [rows x vocab] block, in elements.  CPU: 4M (16 MiB in fp32; the
 # torch path keeps a few block-sized temporaries alive).  CUDA: 16M (32 MiB of bf16 gradient
@@ -166,13 +166,54 @@ def _triton_module():
     return linear_logprobs
 
 
+def linear_forward(h, w, y, inv_t: float, backend: str):
+    """Row statistics of ``softmax(h @ w.T * inv_t)``: ``(logp, entropy, lse)``, float32 [N].
+
+    ``y`` holds -1 on rows without a target (their logp is meaningless; callers mask it).
+    """
+    if h.shape[0] == 0:
+        e = torch.empty(0, dtype=torch.float32, device=h.device)
+        return e, e.clone(), e.clone()
+    if backend == "triton":
+        return _triton_module().forward(h, w, y, inv_t)
+    return _torch_forward(h, w, y, inv_t)
+
+
+def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
+                    need_h: bool = True, need_w: bool = True):
+    """Gradients of ``sum(gl * logp + ge * entropy)`` w.r.t. ``h`` and ``w``.
+
+    Walks the [N x V] plane in fixed-size blocks: each block's ``dL/dz`` is recomputed from the
+    saved row statistics (fused in one Triton kernel, or torch), then two GEMMs fold it into
+    ``dh`` and ``dw``, accumulated in float32.
+    """
+    n, v = h.shape[0], w.shape[0]
+    rows, cols = _block_shape(n, v, h.is_cuda)
+    # the blocks go through GEMMs in h's dtype on GPU (tensor cores), float32 on CPU
+    gdtype = h.dtype if h.is_cuda else torch.float32
+    dh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if need_h else None
+    dw = torch.zeros(v, w.shape[1], dtype=torch.float32, device=w.device) if need_w else None
+    grad_block = _triton_module().grad_logits if backend == "triton" else _torch_grad_logits
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        if not h.is_cuda and not bool(gl[sl].any() or ge[sl].any()):
+            continue  # nothing flows into this block (e.g. all ignored); skip on CPU
+        hc, yc = h[sl], y[sl]
+        hg = hc.to(gdtype)
+        for c0 in range(0, v, cols):
+            wc = w[c0:c0 + cols]
+            dz = grad_block(hc, wc, yc, c0, lse[sl], ent[sl], gl[sl], ge[sl], inv_t, gdtype)
+            if need_h:
+                dh[sl] += (dz @ wc.to(gdtype)).float()
+            if need_w:
+                dw[c0:c0 + cols] += (dz.T @ hg).float()
+    return (dh.to(h.dtype) if need_h else None), (dw.to(w.dtype) if need_w else None)
+
+
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, y, inv_t, backend):
-        if backend == "triton":
-            logp, ent, lse = _triton_module().forward(h, w, y, inv_t)
-        else:
-            logp, ent, lse = _torch_forward(h, w, y, inv_t)
+        logp, ent, lse = linear_forward(h, w, y, inv_t, backend)
         ctx.save_for_backward(h, w, y, lse, ent)
         ctx.inv_t, ctx.backend = inv_t, backend
         return logp, ent
@@ -180,37 +221,11 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         h, w, y, lse, ent = ctx.saved_tensors
-        inv_t = ctx.inv_t
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         ge = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, v = h.shape[0], w.shape[0]
-        rows, cols = _block_shape(n, v)
-        # Gradients accumulate in fp32; the blocks themselves go through GEMMs in h's dtype.
-        gdtype = h.dtype if h.is_cuda else torch.float32
-        dh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if need_h else None
-        dw = torch.zeros(v, w.shape[1], dtype=torch.float32, device=w.device) if need_w else None
-        triton_grad = _triton_module().grad_logits if ctx.backend == "triton" else None
-        for r0 in range(0, n, rows):
-            sl = slice(r0, r0 + rows)
-            hc, yc = h[sl], y[sl]
-            if not h.is_cuda and not bool(gl[sl].any() or ge[sl].any()):
-                continue  # nothing flows into this block (e.g. all ignored); skip on CPU
-            hg = hc.to(gdtype)
-            for c0 in range(0, v, cols):
-                wc = w[c0:c0 + cols]
-                if triton_grad is not None:
-                    dz = triton_grad(hc, wc, yc, c0, lse[sl], ent[sl], gl[sl], ge[sl], inv_t,
-                                     out_dtype=gdtype)
-                else:
-                    dz = _torch_grad_logits(hc, wc, yc, c0, lse[sl], ent[sl], gl[sl], ge[sl],
-                                            inv_t, gdtype)
-                if need_h:
-                    dh[sl] += (dz @ wc.to(gdtype)).float()
-                if need_w:
-                    dw[c0:c0 + cols] += (dz.T @ hg).float()
-        return (dh.to(h.dtype) if need_h else None, dw.to(w.dtype) if need_w else None,
-                None, None, None)
+        dh, dw = linear_backward(h, w, y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dh, dw, None, None, None
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
