@@ -98,7 +98,7 @@ def test_peaked_distributions_entropy_grad(seed):
     torch.testing.assert_close(ent.double(), rent.detach(), atol=1e-4, rtol=1e-4)
     gh, gw = torch.autograd.grad((logp + ent).sum(), (h, w))
     rgh, rgw = torch.autograd.grad((rlogp + rent).sum(), (hr, wr))
-    zmax = float((hr @ wr.T).abs().max())
+    zmax = float((hr @ wr.T).detach().abs().max())
     torch.testing.assert_close(gh.double(), rgh, atol=3e-6 * zmax * hr.abs().max().item(),
                                rtol=1e-3)
     torch.testing.assert_close(gw.double(), rgw, atol=3e-6 * zmax * 16, rtol=1e-3)
