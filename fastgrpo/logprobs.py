@@ -179,35 +179,51 @@ def linear_forward(h, w, y, inv_t: float, backend: str):
     return _torch_forward(h, w, y, inv_t)
 
 
+def _mm_f32(a, b):
+    """``a @ b`` with a float32 result; bf16/fp16 CUDA operands stay on tensor cores."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return (a @ b).float()
+
+
 def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
                     need_h: bool = True, need_w: bool = True):
     """Gradients of ``sum(gl * logp + ge * entropy)`` w.r.t. ``h`` and ``w``.
 
-    Walks the [N x V] plane in fixed-size blocks: each block's ``dL/dz`` is recomputed from the
-    saved row statistics (fused in one Triton kernel, or torch), then two GEMMs fold it into
-    ``dh`` and ``dw``, accumulated in float32.
+    Walks the [N x V] plane in fixed-size blocks, vocabulary blocks outermost: each block's
+    ``dL/dz`` is recomputed from the saved row statistics (fused in one Triton kernel, or
+    torch), then two GEMMs fold it into ``dh`` (float32, [N, D]) and into the float32
+    accumulator of the current vocabulary slice of ``dw`` ([cols, D]), which is written out
+    once.  Extra memory: N*D*4 + cols*D*4 + one block; never O(V*D) in float32.
     """
     n, v = h.shape[0], w.shape[0]
     rows, cols = _block_shape(n, v, h.is_cuda)
     # the blocks go through GEMMs in h's dtype on GPU (tensor cores), float32 on CPU
     gdtype = h.dtype if h.is_cuda else torch.float32
     dh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if need_h else None
-    dw = torch.zeros(v, w.shape[1], dtype=torch.float32, device=w.device) if need_w else None
+    dw = torch.zeros_like(w) if need_w else None
     grad_block = _triton_module().grad_logits if backend == "triton" else _torch_grad_logits
-    for r0 in range(0, n, rows):
-        sl = slice(r0, r0 + rows)
-        if not h.is_cuda and not bool(gl[sl].any() or ge[sl].any()):
-            continue  # nothing flows into this block (e.g. all ignored); skip on CPU
-        hc, yc = h[sl], y[sl]
-        hg = hc.to(gdtype)
-        for c0 in range(0, v, cols):
-            wc = w[c0:c0 + cols]
-            dz = grad_block(hc, wc, yc, c0, lse[sl], ent[sl], gl[sl], ge[sl], inv_t, gdtype)
+    row_blocks = [slice(r0, r0 + rows) for r0 in range(0, n, rows)]
+    if not h.is_cuda:  # skip blocks nothing flows into (e.g. all ignored); no host sync on GPU
+        row_blocks = [sl for sl in row_blocks if bool(gl[sl].any() or ge[sl].any())]
+    for c0 in range(0, v, cols):
+        wc = w[c0:c0 + cols]
+        wg = wc.to(gdtype)
+        dw_acc = None
+        for sl in row_blocks:
+            hc = h[sl]
+            dz = grad_block(hc, wc, y[sl], c0, lse[sl], ent[sl], gl[sl], ge[sl], inv_t, gdtype)
             if need_h:
-                dh[sl] += (dz @ wc.to(gdtype)).float()
+                dh[sl] += _mm_f32(dz, wg)
             if need_w:
-                dw[c0:c0 + cols] += (dz.T @ hg).float()
-    return (dh.to(h.dtype) if need_h else None), (dw.to(w.dtype) if need_w else None)
+                part = _mm_f32(dz.T, hc.to(gdtype))
+                dw_acc = part if dw_acc is None else dw_acc.add_(part)
+        if need_w and dw_acc is not None:
+            dw[c0:c0 + cols] = dw_acc
+    return (dh.to(h.dtype) if need_h else None), dw
 
 
 class _FusedLogprobs(torch.autograd.Function):

@@ -357,7 +357,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            delta, float(entropy_coef), importance_sampling_level,
                            None if num_items_in_batch is None else float(num_items_in_batch),
                            max_completion_length, egsw)
-    h_tok = h.index_select(0, tok.rows)
+    # completion rows only (padding and prompts cost no FLOPs); no copy when all rows count
+    h_tok = h if tok.rows.numel() == h.shape[0] else h.index_select(0, tok.rows)
     h_tok = h_tok if h_tok.stride(-1) == 1 else h_tok.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     loss = _FusedGRPO.apply(h_tok, w, y[tok.rows].long(), 1.0 / float(temperature), backend,
