@@ -1,0 +1,103 @@
+"""Rule-based rewards for StepGRPO (pure Python; imports nothing heavy).
+
+* :mod:`.layout` -- solution layouts (R1-VL ``### Step N:``, ``<think>/<answer>`` tags) and the parser.
+* :mod:`.answer` -- final-answer extraction and equivalence.
+* :mod:`.steps` -- soft key-step matching (StepRAR's ``k``) and a rule-based key-step extractor.
+* :mod:`.functions` -- TRL-signature reward functions: StepRAR, StepRVR, accuracy, ``k``.
+* :mod:`.rewardset` -- named, weighted reward sets with validated outputs.
+
+The StepGRPO reward is ``r = r_acc + r_val`` = ``step_rar + step_rvr``
+(see :func:`default_reward_set`); StepRAR already contains the accuracy.
+"""
+
+from .answer import (
+    BACKENDS,
+    answers_match,
+    available_backends,
+    extract_answer,
+    get_backend,
+    normalize_answer,
+    parse_number,
+    set_backend,
+)
+from .functions import (
+    FORMS,
+    accuracy_reward,
+    completion_text,
+    final_answer,
+    make_accuracy_reward,
+    make_step_k,
+    make_step_rar_reward,
+    make_step_rvr_reward,
+    step_k,
+    step_rar_reward,
+    step_rvr_reward,
+    step_validity,
+)
+from .layout import R1VL_LAYOUT, R1VL_MULTIMODAL_LAYOUT, TAG_LAYOUT, Layout, ParsedSolution, parse
+from .rewardset import (
+    BUILTIN_REWARDS,
+    RewardError,
+    RewardResult,
+    RewardSet,
+    default_reward_set,
+    function_name,
+    load_reward_function,
+)
+from .steps import coerce_key_steps, extract_key_steps, key_step_fraction, matched_groups, normalize_math, surface_forms
+
+
+def clear_caches() -> None:
+    """Drop the memoised parses and answer comparisons (for benchmarks)."""
+    from . import answer as _a
+    from . import layout as _l
+    from . import steps as _s
+
+    _l.clear_cache()
+    _a.clear_cache()
+    _s._hay.cache_clear()
+    _s._needle.cache_clear()
+
+
+__all__ = [
+    "BACKENDS",
+    "BUILTIN_REWARDS",
+    "FORMS",
+    "Layout",
+    "ParsedSolution",
+    "R1VL_LAYOUT",
+    "R1VL_MULTIMODAL_LAYOUT",
+    "TAG_LAYOUT",
+    "RewardError",
+    "RewardResult",
+    "RewardSet",
+    "accuracy_reward",
+    "answers_match",
+    "available_backends",
+    "clear_caches",
+    "coerce_key_steps",
+    "completion_text",
+    "default_reward_set",
+    "extract_answer",
+    "extract_key_steps",
+    "final_answer",
+    "function_name",
+    "get_backend",
+    "key_step_fraction",
+    "load_reward_function",
+    "make_accuracy_reward",
+    "make_step_k",
+    "make_step_rar_reward",
+    "make_step_rvr_reward",
+    "matched_groups",
+    "normalize_answer",
+    "normalize_math",
+    "parse",
+    "parse_number",
+    "set_backend",
+    "step_k",
+    "step_rar_reward",
+    "step_rvr_reward",
+    "step_validity",
+    "surface_forms",
+]

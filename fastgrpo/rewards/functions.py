@@ -1,0 +1,323 @@
+"""StepGRPO reward functions with the TRL signature.
+
+Every function here is ``f(prompts, completions, **columns) -> list[float | None]``:
+dataset columns arrive as keyword arguments (one value per completion), and
+``None`` means "not applicable to this sample" (excluded from the function's
+statistics, counted as 0 in a weighted total).  They move unchanged between
+fastgrpo's :class:`~fastgrpo.rewards.rewardset.RewardSet` and TRL's
+``GRPOTrainer(reward_funcs=[...])``.
+
+Completions may be plain strings or TRL conversational completions
+(``[{"role": "assistant", "content": "..."}]``, content possibly a list of
+``{"type": "text", "text": ...}`` parts).
+
+StepGRPO's reward is ``r = r_acc + r_val`` where ``r_acc`` (StepRAR) already
+contains the answer accuracy:
+
+* :func:`step_rar_reward` -- paper form (default): ``1 + alpha*k`` if the final
+  answer is correct, ``alpha*k`` if an answer is present but wrong, ``0``
+  without an answer; code form (``form="code"``): ``1[correct] + alpha*k``.
+* :func:`step_rvr_reward` -- ``1`` if complete and logical, else ``0``.
+* :func:`accuracy_reward` -- ``1[correct]`` (for logging; already in StepRAR).
+* :func:`step_k` -- the matched key-step fraction ``k`` (for logging).
+
+Use the ``make_*`` factories for non-default options: they return named
+functions (TRL logs ``__name__``; a :func:`functools.partial` has none).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .answer import answers_match, extract_answer
+from .layout import R1VL_LAYOUT, SECTION_RANK, Layout, ParsedSolution, parse
+from .steps import key_step_fraction
+
+__all__ = [
+    "completion_text",
+    "accuracy_reward",
+    "step_rar_reward",
+    "step_rvr_reward",
+    "step_k",
+    "step_validity",
+    "final_answer",
+    "make_accuracy_reward",
+    "make_step_rar_reward",
+    "make_step_rvr_reward",
+    "make_step_k",
+    "FORMS",
+]
+
+FORMS = ("paper", "code")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or TRL's list of messages."""
+    if completion is None:
+        return ""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return _content_text(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):
+        msgs = [m for m in completion if isinstance(m, dict)]
+        if msgs and len(msgs) == len(completion):
+            assistant = [m for m in msgs if m.get("role", "assistant") == "assistant"]
+            use = assistant if assistant else msgs
+            return "\n".join(_content_text(m.get("content", "")) for m in use)
+        return "".join(x if isinstance(x, str) else completion_text(x) for x in completion)
+    return str(completion)
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for p in content:
+            if isinstance(p, str):
+                parts.append(p)
+            elif isinstance(p, dict) and p.get("type", "text") == "text":
+                parts.append(str(p.get("text", "")))
+        return "".join(parts)
+    return str(content)
+
+
+def _col(column: Any, i: int, n: int, name: str) -> Any:
+    """Value of a dataset column for sample ``i`` (``None`` if absent)."""
+    if column is None:
+        return None
+    if isinstance(column, (str, bytes)):
+        raise ValueError(f"column {name!r} must hold one value per completion, got a single string")
+    try:
+        length = len(column)
+    except TypeError:
+        raise ValueError(f"column {name!r} must be a sequence with one value per completion") from None
+    if length != n:
+        raise ValueError(f"column {name!r} has {length} values for {n} completions")
+    return column[i]
+
+
+def final_answer(parsed: ParsedSolution) -> str | None:
+    """The final answer of a parsed completion, ``None`` when missing/empty."""
+    if parsed.answer is None:
+        return None
+    return extract_answer(parsed.answer)
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"unknown StepRAR form {form!r}; choose one of {FORMS}")
+
+
+# ---------------------------------------------------------------------------
+# accuracy
+
+
+def accuracy_reward(
+    prompts: Sequence | None,
+    completions: Sequence,
+    answer: Sequence | None = None,
+    *,
+    layout: Layout = R1VL_LAYOUT,
+    backend: str | None = None,
+    **kwargs: Any,
+) -> list[float | None]:
+    """1.0 when the final answer (layout's answer section) equals ``answer``.
+
+    ``None`` for a sample without a reference answer.
+    """
+    n = len(completions)
+    out: list[float | None] = []
+    for i in range(n):
+        ref = _col(answer, i, n, "answer")
+        if ref is None:
+            out.append(None)
+            continue
+        pred = final_answer(parse(completion_text(completions[i]), layout))
+        out.append(1.0 if pred is not None and answers_match(pred, str(ref), backend=backend) else 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# StepRAR
+
+
+def step_rar_reward(
+    prompts: Sequence | None,
+    completions: Sequence,
+    answer: Sequence | None = None,
+    key_steps: Sequence | None = None,
+    *,
+    alpha: float = 0.1,
+    form: str = "paper",
+    soft: bool = True,
+    layout: Layout = R1VL_LAYOUT,
+    backend: str | None = None,
+    **kwargs: Any,
+) -> list[float | None]:
+    """StepRAR, the step-wise reasoning accuracy reward.
+
+    ``k`` = matched key-step groups / groups over the text of all steps;
+    0 when the sample has no groups -- ``key_steps`` an empty list, ``None``,
+    or the column missing (then StepRAR is the plain accuracy reward).
+
+    * ``form="paper"``: ``1 + alpha*k`` correct, ``alpha*k`` wrong answer,
+      ``0`` no answer.
+    * ``form="code"``: ``1[correct] + alpha*k`` (bonus even without answer).
+
+    ``None`` only for a sample without a reference ``answer`` (the column
+    missing, or ``None`` for that sample).
+    """
+    _check_form(form)
+    n = len(completions)
+    out: list[float | None] = []
+    for i in range(n):
+        ref = _col(answer, i, n, "answer")
+        ks = _col(key_steps, i, n, "key_steps")
+        if ref is None:
+            out.append(None)
+            continue
+        parsed = parse(completion_text(completions[i]), layout)
+        k = key_step_fraction(parsed.step_text, ks, soft=soft) if (ks is not None and parsed.steps) else 0.0
+        pred = final_answer(parsed)
+        correct = pred is not None and answers_match(pred, str(ref), backend=backend)
+        if form == "paper":
+            if pred is None:
+                r = 0.0
+            elif correct:
+                r = 1.0 + alpha * k
+            else:
+                r = alpha * k
+        else:
+            r = (1.0 if correct else 0.0) + alpha * k
+        out.append(r)
+    return out
+
+
+def step_k(
+    prompts: Sequence | None,
+    completions: Sequence,
+    key_steps: Sequence | None = None,
+    *,
+    soft: bool = True,
+    layout: Layout = R1VL_LAYOUT,
+    **kwargs: Any,
+) -> list[float | None]:
+    """The raw matched key-step fraction ``k`` in [0, 1] (for logging);
+    ``None`` for a sample without ``key_steps`` (so it does not pull the
+    logged mean down)."""
+    n = len(completions)
+    out: list[float | None] = []
+    for i in range(n):
+        ks = _col(key_steps, i, n, "key_steps")
+        if ks is None:
+            out.append(None)
+            continue
+        parsed = parse(completion_text(completions[i]), layout)
+        out.append(key_step_fraction(parsed.step_text, ks, soft=soft) if parsed.steps else 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# StepRVR
+
+
+def step_validity(completion: Any, layout: Layout = R1VL_LAYOUT) -> tuple[bool, bool]:
+    """``(complete, logical)`` for one completion.
+
+    complete: the required headers are present -- description (when
+    ``layout.require_description``), rationales (when the layout has one and
+    ``require_rationales``), ``Step 1`` and the final-answer header.
+
+    logical: steps are numbered 1..n in order, and the sections appear in the
+    order description -> rationales -> steps -> answer (hence the final answer
+    after the last step).
+    """
+    p = completion if isinstance(completion, ParsedSolution) else parse(completion_text(completion), layout)
+    nums = p.step_numbers
+    complete = (
+        (not layout.require_description or layout.description is None or p.description is not None)
+        and (not layout.require_rationales or layout.rationales is None or p.rationales is not None)
+        and (1 in nums)
+        and p.answer is not None
+    )
+    logical = bool(nums) and nums == list(range(1, len(nums) + 1))
+    if logical:
+        last = -1
+        for kind in p.section_order:
+            r = SECTION_RANK[kind]
+            if r < last:
+                logical = False
+                break
+            last = r
+    return complete, logical
+
+
+def step_rvr_reward(
+    prompts: Sequence | None,
+    completions: Sequence,
+    *,
+    layout: Layout = R1VL_LAYOUT,
+    **kwargs: Any,
+) -> list[float | None]:
+    """StepRVR: 1.0 if the completion is complete and logical, else 0.0."""
+    out: list[float | None] = []
+    for c in completions:
+        complete, logical = step_validity(parse(completion_text(c), layout), layout)
+        out.append(1.0 if (complete and logical) else 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# factories
+
+
+def make_accuracy_reward(*, layout: Layout = R1VL_LAYOUT, backend: str | None = None, name: str = "accuracy"):
+    def accuracy(prompts, completions, answer=None, **kwargs):
+        return accuracy_reward(prompts, completions, answer, layout=layout, backend=backend, **kwargs)
+
+    accuracy.__name__ = accuracy.__qualname__ = name
+    accuracy.__doc__ = accuracy_reward.__doc__
+    return accuracy
+
+
+def make_step_rar_reward(
+    *,
+    alpha: float = 0.1,
+    form: str = "paper",
+    soft: bool = True,
+    layout: Layout = R1VL_LAYOUT,
+    backend: str | None = None,
+    name: str = "step_rar",
+):
+    _check_form(form)
+
+    def step_rar(prompts, completions, answer=None, key_steps=None, **kwargs):
+        return step_rar_reward(
+            prompts, completions, answer, key_steps, alpha=alpha, form=form, soft=soft, layout=layout, backend=backend, **kwargs
+        )
+
+    step_rar.__name__ = step_rar.__qualname__ = name
+    step_rar.__doc__ = step_rar_reward.__doc__
+    return step_rar
+
+
+def make_step_rvr_reward(*, layout: Layout = R1VL_LAYOUT, name: str = "step_rvr"):
+    def step_rvr(prompts, completions, **kwargs):
+        return step_rvr_reward(prompts, completions, layout=layout, **kwargs)
+
+    step_rvr.__name__ = step_rvr.__qualname__ = name
+    step_rvr.__doc__ = step_rvr_reward.__doc__
+    return step_rvr
+
+
+def make_step_k(*, soft: bool = True, layout: Layout = R1VL_LAYOUT, name: str = "step_k"):
+    def _step_k(prompts, completions, key_steps=None, **kwargs):
+        return step_k(prompts, completions, key_steps, soft=soft, layout=layout, **kwargs)
+
+    _step_k.__name__ = _step_k.__qualname__ = name
+    _step_k.__doc__ = step_k.__doc__
+    return _step_k
