@@ -1,0 +1,114 @@
+"""The implementations the benchmarks compare, each a fwd+bwd closure over (h, w, y, ...).
+
+* ``fastgrpo``: ``fused_logprobs`` / ``grpo_loss`` (triton on CUDA, torch elsewhere).
+* ``naive``: full logits + log_softmax in PyTorch (what a plain RL loop does).
+* ``liger``: Liger-Kernel's chunked selective log-prob (logp) / LigerFusedLinearGRPOLoss.
+* ``liger_triton_grpo``: Liger's Triton ``triton_grpo_loss`` fed with materialized logits
+  (CUDA only).
+* ``cublas``: one ``h @ w.T`` of the same shape: the ceiling for each of the four passes.
+"""
+
+import torch
+
+from fastgrpo import fused_logprobs, grpo_loss
+
+
+def _entropy_from_logz(logz):
+    return -(logz.exp() * logz).sum(-1)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def logprobs_fastgrpo(h, w, y):
+    logp, ent = fused_logprobs(h, w, y, return_entropy=True)
+    (logp.sum() + 0.01 * ent.sum()).backward()
+
+
+def logprobs_naive(h, w, y):
+    logz = torch.log_softmax((h @ w.T).float(), dim=-1)
+    logp = logz.gather(-1, y[:, None]).squeeze(-1)
+    ent = _entropy_from_logz(logz)
+    (logp.sum() + 0.01 * ent.sum()).backward()
+
+
+def logprobs_liger(h, w, y):
+    from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+    logp = LigerFusedLinearPPOBase.chunk_forward(h[None], w, y[None])
+    logp.sum().backward()   # Liger's path yields log-probs only (no entropy)
+
+
+def cublas_matmul(h, w, y):
+    with torch.no_grad():
+        h @ w.T
+
+
+LOGPROB_IMPLS = {"fastgrpo": logprobs_fastgrpo, "naive": logprobs_naive,
+                 "liger": logprobs_liger, "cublas": cublas_matmul}
+
+
+# ----------------------------------------------------------------------------- GRPO loss
+
+
+def loss_inputs(y, seq_len=512, seed=0):
+    """Packed batch of N // seq_len sequences, old/ref log-probs near the policy's."""
+    n = y.numel()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    b = max(1, n // seq_len)
+    cu = torch.linspace(0, n, b + 1).round().to(torch.int32).to(y.device)
+    adv = torch.randn(b, generator=g).to(y.device)
+    noise = (0.1 * torch.randn(n, generator=g)).to(y.device)
+    return cu, adv, noise
+
+
+LOSS_OPTS = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo")
+
+
+def loss_fastgrpo(h, w, y, cu, adv, old, ref):
+    loss, _ = grpo_loss(h, w, y, adv, cu_seqlens=cu, old_logp=old, ref_logp=ref, **LOSS_OPTS)
+    loss.backward()
+
+
+def _padded(h, y, cu, old, ref):
+    b = cu.numel() - 1
+    t = h.shape[0] // b
+    return h.view(b, t, -1), y.view(b, t), old.view(b, t), ref.view(b, t)
+
+
+def loss_naive(h, w, y, cu, adv, old, ref):
+    hp, yp, oldp, refp = _padded(h, y, cu, old, ref)
+    logz = torch.log_softmax((hp @ w.T).float(), dim=-1)
+    lp = logz.gather(-1, yp[..., None]).squeeze(-1)
+    ratio = torch.exp(lp - oldp)
+    a = adv[:, None]
+    per_tok = -torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a)
+    d = refp - lp
+    per_tok = per_tok + LOSS_OPTS["beta"] * (d.exp() - d - 1)
+    per_tok.mean(1).mean().backward()
+
+
+def loss_liger(h, w, y, cu, adv, old, ref):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    hp, yp, oldp, refp = _padded(h, y, cu, old, ref)
+    peer = LigerFusedLinearGRPOLoss(compiled=torch.cuda.is_available(), use_ref_model=True,
+                                    **LOSS_OPTS)
+    loss, _ = peer(hp, w, yp, torch.ones_like(yp), adv, ref_per_token_logps=refp,
+                   old_per_token_logps=oldp)
+    loss.backward()
+
+
+def loss_liger_triton_grpo(h, w, y, cu, adv, old, ref):
+    """Liger's Triton GRPO loss takes logits [B, L+1, V] (it drops the last position), so the
+    last position of each row stands in as that extra position."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    hp, yp, oldp, refp = _padded(h, y, cu, old, ref)
+    logits = hp @ w.T
+    loss, _ = triton_grpo_loss(logits, oldp[:, :-1], refp[:, :-1], yp[:, :-1], adv,
+                               torch.ones_like(yp[:, :-1]), temperature=1.0, beta=0.04,
+                               eps_low=0.2, eps_high=0.28, loss_type="grpo", reduce=True,
+                               inplace=True)
+    loss.backward()
+
+
+LOSS_IMPLS = {"fastgrpo": loss_fastgrpo, "naive": loss_naive, "liger": loss_liger,
+              "liger_triton_grpo": loss_liger_triton_grpo}
