@@ -115,26 +115,40 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.is_cuda else torch.float32
 
 
+# -inf logits (e.g. a masked vocabulary row of -inf weights) are clamped to this: exp() of it
+# is exactly 0, so such a column contributes nothing, and 0 * it stays 0 (never 0 * inf = nan).
+_NEG = -1e30
+
+
+def _logits(hc, wc, inv_t):
+    cd = _compute_dtype(hc)
+    return (hc.to(cd) @ wc.to(cd).T).float().mul_(inv_t).clamp_(min=_NEG)
+
+
+def _rowdot(a, b):
+    """sum(a * b, dim=1) as one batched BLAS dot, without an [R, C] temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
 def _torch_forward(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, inv_t: float):
     n, v = h.shape[0], w.shape[0]
     rows, cols = _block_shape(n, v, h.is_cuda)
-    cd = _compute_dtype(h)
     lse = torch.empty(n, dtype=torch.float32, device=h.device)
     ent = torch.empty_like(lse)
     zy = torch.zeros_like(lse)
     for r0 in range(0, n, rows):
-        hc = h[r0:r0 + rows].to(cd)
+        hc = h[r0:r0 + rows]
         yc = y[r0:r0 + rows]
         m = torch.full((hc.shape[0],), float("-inf"), device=h.device)
         s = torch.zeros_like(m)   # sum exp(z - m)
         t = torch.zeros_like(m)   # sum exp(z - m) * z
         for c0 in range(0, v, cols):
-            z = (hc @ w[c0:c0 + cols].to(cd).T).float().mul_(inv_t)
+            z = _logits(hc, w[c0:c0 + cols], inv_t)
             m_new = torch.maximum(m, z.max(dim=1).values)
-            scale = torch.exp(m - m_new).nan_to_num_(0.0)  # m = -inf on the first block
+            scale = torch.exp(m - m_new)  # 0 on the first block (m = -inf, m_new finite)
             e = torch.exp(z - m_new[:, None])
             s = s * scale + e.sum(1)
-            t = t * scale + torch.where(e > 0, e * z, 0.0).sum(1)
+            t = t * scale + _rowdot(e, z)
             m = m_new
             hit = (yc >= c0) & (yc < c0 + z.shape[1])
             idx = (yc - c0).clamp(0, z.shape[1] - 1)
@@ -146,13 +160,12 @@ def _torch_forward(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, inv_t: flo
 
 def _torch_grad_logits(hc, wc, yc, c0, lse, ent, gl, ge, inv_t, out_dtype):
     """dL/d(h W^T) for one [rows x cols] block whose vocabulary starts at column c0."""
-    cd = _compute_dtype(hc)
-    z = (hc.to(cd) @ wc.to(cd).T).float().mul_(inv_t)
+    z = _logits(hc, wc, inv_t)
     p = torch.exp(z - lse[:, None])
-    ez = (lse - ent)[:, None]
-    # where p == 0 (z = -inf) the column contributes exactly nothing, never 0 * inf = nan
-    dz = torch.where(p > 0, -p * (gl[:, None] + ge[:, None] * (z - ez)), 0.0)
-    hit = (yc >= c0) & (yc < c0 + z.shape[1])
+    # dz = -p * (gl + ge * (z - Ez)), built in place in z's buffer
+    coef = z.sub_((lse - ent)[:, None]).mul_(ge[:, None]).add_(gl[:, None])
+    dz = p.mul_(coef).neg_()
+    hit = (yc >= c0) & (yc < c0 + dz.shape[1])
     rows = torch.nonzero(hit).squeeze(1)
     dz[rows, yc[rows] - c0] += gl[rows]
     return dz.mul_(inv_t).to(out_dtype)

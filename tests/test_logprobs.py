@@ -169,6 +169,29 @@ def test_logits_far_from_zero(blocks, shift):
     assert torch.isfinite(h.grad).all()
 
 
+def test_minus_inf_weight_row_contributes_nothing(blocks):
+    """A vocabulary row of -inf weights (a masked token) gets probability 0: log-probs,
+    entropy and the weight gradient equal those of the vocabulary without that row.  (dH is
+    dz @ W and picks up 0 * -inf = nan from that row in any GEMM, so it is not compared.)"""
+    h, w, y = make(9, 6, 40, torch.float32, 10)
+    y[y == 5] = 6
+    with torch.no_grad():
+        w[5] = float("-inf")
+        h.abs_()  # positive hidden: the row's logits are -inf, never nan (-inf * 0)
+    logp, ent = fused_logprobs(h, w, y, return_entropy=True)
+    keep = torch.arange(40) != 5
+    y_kept = y - (y > 5).long()
+    h2 = h.detach().clone().requires_grad_()
+    w2 = w.detach()[keep].clone().requires_grad_()
+    rlogp, rent = naive_logprobs(h2, w2, y_kept)
+    torch.testing.assert_close(logp.double(), rlogp.detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ent.double(), rent.detach(), atol=2e-5, rtol=2e-5)
+    (logp.sum() + ent.sum()).backward()
+    (rlogp.sum() + rent.sum()).backward()
+    torch.testing.assert_close(w.grad[keep].double(), w2.grad.double(), atol=2e-5, rtol=2e-5)
+    assert (w.grad[5] == 0).all()
+
+
 def test_reference_backend_matches_torch_backend():
     h, w, y = make(10, 8, 33, torch.float32, 8, ignore_frac=0.2)
     a, b = fused_logprobs(h, w, y, return_entropy=True, backend="reference")
