@@ -1,0 +1,244 @@
+"""Training configuration: one dataclass, a command line built from it, optional TOML/YAML file.
+
+Precedence: defaults < ``--config FILE`` (.toml, or .yaml/.yml when PyYAML is installed) <
+command-line flags.  Every field is a flag: ``group_size`` -> ``--group-size 8``; booleans are
+``--flag`` / ``--no-flag``; list fields (``--reward``) repeat.  File keys use the field names
+(``group_size`` or ``group-size``).  Invalid values raise ``ConfigError`` naming the option
+and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "LOSS_TYPES"]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALES = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value (the message names the option and value)."""
+
+
+def _f(default, help, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = _f("", "Hugging Face causal LM directory (default: the shipped warm-up checkpoint)")
+    train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
+    eval_file: str = _f("", "held-out JSONL for greedy eval; default: the built-in task's eval split")
+    out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
+    seed: int = _f(0, "random seed (data order, sampling, initialisation)")
+    device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
+    threads: int = _f(1, "torch CPU threads (0: torch's default); 1 is fastest for the tiny default model")
+    # schedule
+    steps: int = _f(60, "optimizer steps (one rollout batch each)")
+    prompts_per_step: int = _f(16, "distinct prompts per step")
+    group_size: int = _f(8, "completions sampled per prompt (G)")
+    ppo_epochs: int = _f(1, "optimisation passes over each rollout batch (>1 computes old log-probs)")
+    micro_batch_tokens: int = _f(1024, "token budget of one packed micro-batch (CPU: small rows keep attention cheap)")
+    # sampling
+    max_new_tokens: int = _f(72, "maximum completion length in tokens")
+    temperature: float = _f(1.0, "sampling temperature (also used in the loss)")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+    gen_batch_size: int = _f(128, "sequences generated together")
+    # optimisation
+    lr: float = _f(3e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _f(0.1, "final learning rate of the cosine schedule, as a fraction of --lr")
+    warmup_steps: int = _f(3, "linear learning-rate warm-up steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.99, "AdamW beta2")
+    grad_clip: float = _f(1.0, "gradient-norm clipping threshold (0 disables)")
+    gradient_checkpointing: bool = _f(False, "recompute decoder activations in backward")
+    bf16: bool = _f(True, "bf16 autocast for the backbone (CUDA only; ignored on CPU)")
+    # loss
+    loss_type: str = _f("grpo", "loss normalisation: " + " | ".join(LOSS_TYPES))
+    beta: float = _f(0.0, "KL coefficient against the initial (reference) model; >0 keeps a frozen copy")
+    epsilon_low: float = _f(0.2, "lower clip range of the ratio")
+    epsilon_high: float = _f(0.0, "upper clip range of the ratio (0: same as --epsilon-low)")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient")
+    importance_sampling_level: str = _f("token", "importance ratio level: token | sequence (GSPO)")
+    backend: str = _f("auto", "fused kernel backend: auto | torch | triton")
+    # rewards and advantages
+    reward: list = _f([], "extra reward 'module:function[=weight]' (TRL signature); repeatable")
+    scale_rewards: str = _f("group", "advantage scaling: group | batch | none")
+    drop_zero_std_groups: bool = _f(True, "skip groups whose rewards are all equal (no signal)")
+    mask_truncated: bool = _f(True, "exclude completions that hit --max-new-tokens from the loss")
+    # logging and eval
+    eval_every: int = _f(20, "held-out greedy eval every N steps (0: only before and after)")
+    eval_size: int = _f(200, "held-out problems per eval")
+    sample_every: int = _f(10, "print a sampled completion every N steps (0: never)")
+    plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
+    save: bool = _f(True, "save the final model to <out_dir>/model")
+    progress: bool = _f(True, "progress bar on stderr")
+
+    def validate(self) -> "TrainConfig":
+        def bad(name, why):
+            raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if self.group_size < 2:
+            bad("group_size", "must be >= 2 (group-relative advantages need at least two samples)")
+        for n in ("steps", "prompts_per_step", "ppo_epochs", "micro_batch_tokens",
+                  "max_new_tokens", "gen_batch_size", "eval_size"):
+            if getattr(self, n) < 1:
+                bad(n, "must be >= 1")
+        for n in ("warmup_steps", "eval_every", "sample_every", "threads"):
+            if getattr(self, n) < 0:
+                bad(n, "must be >= 0")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "must be in [0, 1]")
+        for n in ("weight_decay", "grad_clip", "beta", "epsilon_low", "epsilon_high", "entropy_coef"):
+            if getattr(self, n) < 0:
+                bad(n, "must be >= 0")
+        for n in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, n) < 1:
+                bad(n, "must be in [0, 1)")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"unknown loss type; choose one of {', '.join(LOSS_TYPES)}")
+        if self.scale_rewards not in SCALES:
+            bad("scale_rewards", f"choose one of {', '.join(SCALES)}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            bad("importance_sampling_level", f"choose one of {', '.join(IS_LEVELS)}")
+        if self.backend not in ("auto", "torch", "triton"):
+            bad("backend", "choose one of auto, torch, triton")
+        for spec in self.reward:
+            if not isinstance(spec, str) or ":" not in spec.split("=")[0]:
+                raise ConfigError(f"invalid --reward {spec!r}: expected 'module:function[=weight]'")
+            if "=" in spec:
+                try:
+                    float(spec.split("=", 1)[1])
+                except ValueError:
+                    raise ConfigError(f"invalid --reward {spec!r}: weight is not a number") from None
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_type(f):
+    hints = typing.get_type_hints(TrainConfig)
+    return hints[f.name]
+
+
+def _coerce(name: str, value):
+    """Check/convert a value from a config file to the field's type."""
+    tp = _field_type(_FIELDS[name])
+    flag = "--" + name.replace("_", "-")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"invalid {flag} {value!r}: expected true or false")
+    if tp is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"invalid {flag} {value!r}: expected a list of strings")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"invalid {flag} {value!r}: expected {tp.__name__}")
+
+
+def load_config_file(path: str) -> dict:
+    """Read a flat TOML or YAML mapping of field names to values (a ``[train]`` table is also accepted)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {str(p)!r}")
+    suffix = p.suffix.lower()
+    if suffix == ".toml":
+        import tomllib
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{p}: YAML config files need PyYAML (pip install pyyaml); "
+                              f"or use a .toml file") from None
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    else:
+        raise ConfigError(f"config file {str(p)!r}: unsupported extension {suffix!r} (use .toml or .yaml)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of option names to values")
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    out = {}
+    for k, v in data.items():
+        name = str(k).replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"{p}: unknown key {k!r} (valid keys: {', '.join(sorted(_FIELDS))})")
+        out[name] = _coerce(name, v)
+    return out
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m fastgrpo.train",
+        description="StepGRPO training with fused log-prob / loss kernels.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--config", metavar="FILE", default=None,
+                    help="TOML or YAML file of options (command-line flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _field_type(f)
+        help_ = f.metadata["help"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if tp is bool:
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_ + f" (default: {default})")
+        elif tp is list:
+            ap.add_argument(flag, dest=f.name, action="append", metavar="SPEC",
+                            default=argparse.SUPPRESS, help=help_)
+        else:
+            ap.add_argument(flag, dest=f.name, type=tp, metavar=tp.__name__.upper(),
+                            default=argparse.SUPPRESS, help=help_ + f" (default: {default!r})")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Build a validated ``TrainConfig`` from defaults, an optional config file and flags.
+
+    Raises ``ConfigError`` for invalid values; argparse exits (code 2) on malformed flags.
+    """
+    ap = _build_parser()
+    ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    values = {}
+    cfg_file = getattr(ns, "config", None)
+    if cfg_file:
+        values.update(load_config_file(cfg_file))
+    cli = {k: v for k, v in vars(ns).items() if k != "config"}
+    values.update(cli)
+    return TrainConfig(**values).validate()

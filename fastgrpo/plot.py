@@ -1,0 +1,159 @@
+"""Training curves as a PNG: matplotlib when installed, else a dependency-free fallback.
+
+The fallback draws one panel per curve (2 x 3 grid, light grid lines, the curve in colour,
+eval points as dots) with a tiny built-in bitmap font for the titles and min/max labels,
+and writes the PNG with ``zlib`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from pathlib import Path
+
+__all__ = ["plot_curves", "write_png"]
+
+PANELS = [("reward/mean", "reward"), ("accuracy", "train accuracy"), ("validity", "validity"),
+          ("step_k", "steprar k"), ("kl", "kl"), ("completion_len/mean", "completion length")]
+
+# 3x5 bitmap font: each glyph is 5 rows of 3 bits.
+_FONT = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    " ": "000000000000000", "/": "001001010100100", ":": "000010000010000", "e": "000111111100111",
+    "a": "000011101101011", "b": "100110101101110", "c": "000111100100111", "d": "001011101101011",
+    "f": "011100110100100", "g": "111101111001111", "h": "100110101101101", "i": "010000010010010",
+    "k": "100101110101101", "l": "110010010010111", "m": "000111111101101", "n": "000110101101101",
+    "o": "000111101101111", "p": "000111101111100", "r": "000111100100100", "s": "000111110011111",
+    "t": "010111010010011", "u": "000101101101111", "v": "000101101101010", "w": "000101111111111",
+    "x": "000101010101101", "y": "101101111001111", "(": "010100100100010", ")": "010001001001010",
+    "_": "000000000000111", "=": "000111000111000",
+}
+
+
+def write_png(path, pixels: list[bytearray], width: int, height: int) -> None:
+    """Write RGB rows (``bytearray`` of ``3 * width`` each) as a PNG."""
+    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(png)
+
+
+class _Canvas:
+    def __init__(self, w: int, h: int):
+        self.w, self.h = w, h
+        self.rows = [bytearray(b"\xff" * (3 * w)) for _ in range(h)]
+
+    def px(self, x: int, y: int, c) -> None:
+        if 0 <= x < self.w and 0 <= y < self.h:
+            self.rows[y][3 * x:3 * x + 3] = bytes(c)
+
+    def line(self, x0, y0, x1, y1, c, thick: int = 1) -> None:
+        n = int(max(abs(x1 - x0), abs(y1 - y0), 1))
+        for i in range(n + 1):
+            x = round(x0 + (x1 - x0) * i / n)
+            y = round(y0 + (y1 - y0) * i / n)
+            for dx in range(thick):
+                for dy in range(thick):
+                    self.px(x + dx, y + dy, c)
+
+    def text(self, x: int, y: int, s: str, c=(0, 0, 0), scale: int = 2) -> None:
+        for ch in s.lower():
+            g = _FONT.get(ch, _FONT[" "])
+            for r in range(5):
+                for col in range(3):
+                    if g[3 * r + col] == "1":
+                        for a in range(scale):
+                            for b in range(scale):
+                                self.px(x + col * scale + a, y + r * scale + b, c)
+            x += 4 * scale
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or not math.isfinite(v):
+        return "0"
+    if abs(v) >= 100 or abs(v) < 0.01:
+        return f"{v:.2e}"
+    return f"{v:.3f}"
+
+
+def _fallback(history: list[dict], path) -> None:
+    pw, ph, pad = 320, 220, 40
+    cols, rows = 3, 2
+    cv = _Canvas(cols * pw, rows * ph)
+    steps = [m["step"] for m in history]
+    for k, (key, title) in enumerate(PANELS):
+        ox, oy = (k % cols) * pw, (k // cols) * ph
+        x0, x1, y0, y1 = ox + pad, ox + pw - 12, oy + 28, oy + ph - 24
+        ys = [float(m.get(key, math.nan)) for m in history]
+        evals = [(m["step"], m["eval/accuracy"]) for m in history if "eval/accuracy" in m] \
+            if key == "accuracy" else []
+        vals = [v for v in ys if math.isfinite(v)] + [v for _, v in evals]
+        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        cv.text(ox + pad, oy + 8, title)
+        for g in range(5):
+            gy = y0 + (y1 - y0) * g / 4
+            cv.line(x0, gy, x1, gy, (225, 225, 225))
+        cv.line(x0, y0, x0, y1, (120, 120, 120))
+        cv.line(x0, y1, x1, y1, (120, 120, 120))
+        cv.text(ox + 4, y0 - 2, _fmt(hi), (90, 90, 90), 1)
+        cv.text(ox + 4, y1 - 4, _fmt(lo), (90, 90, 90), 1)
+        cv.text(x1 - 40, y1 + 6, f"step {steps[-1]}", (90, 90, 90), 1)
+        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+
+        def to_xy(s, v):
+            return x0 + (x1 - x0) * (s - s0) / (s1 - s0), y1 - (y1 - y0) * (v - lo) / (hi - lo)
+
+        prev = None
+        for s, v in zip(steps, ys):
+            if not math.isfinite(v):
+                prev = None
+                continue
+            p = to_xy(s, v)
+            if prev is not None:
+                cv.line(prev[0], prev[1], p[0], p[1], (31, 119, 180), 2)
+            prev = p
+        for s, v in evals:
+            x, y = to_xy(s, v)
+            for dx in range(-3, 4):
+                for dy in range(-3, 4):
+                    cv.px(int(x) + dx, int(y) + dy, (214, 39, 40))
+    write_png(path, cv.rows, cv.w, cv.h)
+
+
+def plot_curves(history: list[dict], before: dict | None, after: dict | None, path) -> Path:
+    """Write the main training curves of ``history`` (the per-step metric dicts) to ``path``."""
+    path = Path(path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _fallback(history, path)
+        return path
+    steps = [m["step"] for m in history]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title) in zip(axes.flat, PANELS):
+        ax.plot(steps, [m.get(key, float("nan")) for m in history], label=key)
+        if key == "accuracy":
+            ev = [(m["step"], m["eval/accuracy"]) for m in history if "eval/accuracy" in m]
+            pts = ([(0, before["accuracy"])] if before else []) + ev + \
+                  ([(steps[-1], after["accuracy"])] if after else [])
+            if pts:
+                ax.plot(*zip(*pts), "o-", color="tab:red", label="held-out greedy")
+            ax.legend(fontsize=8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,212 @@
+"""The built-in task: synthetic multi-step arithmetic word problems with key steps.
+
+Every problem is a short story whose answer takes 2 or 3 arithmetic steps on small numbers::
+
+    Tom has 3 boxes with 4 apples in each box. Then he buys 5 more apples.
+    How many apples does Tom have now?
+
+and its reference solution is written in the R1-VL layout that the StepGRPO rewards read::
+
+    ### Rationales: Work through the story in order, one operation per step.
+    ### Step 1: 3 * 4 = 12
+    ### Step 2: 12 + 5 = 17
+    ### The final answer is: 17
+
+A row (one JSON object per line in the JSONL files) holds ``prompt``, ``answer`` (a string),
+``key_steps`` (one group per step, each a list of equivalent surface forms of the step's
+equation, e.g. ``["3 * 4 = 12", "3*4=12", "3 × 4 = 12", "3 x 4 = 12", "3 times 4 is 12"]``)
+and ``solution``.  Generation is deterministic in the seed; the eval split never repeats a
+train prompt.
+
+Write the splits to disk with ``python -m fastgrpo.task --out DIR`` (``DIR/train.jsonl``,
+``DIR/eval.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["make_problem", "make_splits", "load_jsonl", "write_jsonl", "DataError",
+           "RATIONALE", "NAMES", "ITEMS", "extract_final_answer", "answer_correct"]
+
+NAMES = [("Tom", "he"), ("Sam", "he"), ("Ben", "he"), ("Leo", "he"),
+         ("Ann", "she"), ("Mia", "she"), ("Eva", "she"), ("Zoe", "she")]
+ITEMS = ["apples", "pens", "books", "coins", "cards", "eggs", "stamps", "shells"]
+RATIONALE = "Work through the story in order, one operation per step."
+
+_SYMBOL_WORD = {"*": "times", "+": "plus", "-": "minus"}
+_SYMBOL_ALT = {"*": ["×", "x"], "+": [], "-": ["−"]}
+
+
+def _step_forms(a: int, op: str, b: int, r: int) -> list[str]:
+    """Equivalent surface forms of one step's equation (the step's key-step group)."""
+    forms = [f"{a} {op} {b} = {r}", f"{a}{op}{b}={r}"]
+    forms += [f"{a} {alt} {b} = {r}" for alt in _SYMBOL_ALT[op]]
+    forms.append(f"{a} {_SYMBOL_WORD[op]} {b} is {r}")
+    return forms
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One problem row (``prompt``, ``answer``, ``key_steps``, ``solution``) drawn from ``rng``."""
+    name, pron = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    steps: list[tuple[int, str, int, int]] = []  # (a, op, b, result)
+
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    if rng.random() < 0.5:
+        story = [f"{name} has {a} boxes with {b} {item} in each box."]
+        steps.append((a, "*", b, a * b))
+    else:
+        story = [f"{name} has {a} {item} and gets {b} more."]
+        steps.append((a, "+", b, a + b))
+
+    n_steps = rng.choice((2, 3))
+    for _ in range(n_steps - 1):
+        cur = steps[-1][3]
+        kind = rng.choice(("add", "sub", "double")) if cur <= 40 else rng.choice(("add", "sub"))
+        if kind == "add":
+            c = rng.randint(1, 20)
+            story.append(f"Then {pron} buys {c} more {item}.")
+            steps.append((cur, "+", c, cur + c))
+        elif kind == "sub" and cur > 1:
+            c = rng.randint(1, min(cur - 1, 20))
+            story.append(f"Then {pron} gives away {c} {item}.")
+            steps.append((cur, "-", c, cur - c))
+        else:
+            story.append(f"Then the number of {item} doubles.")
+            steps.append((cur, "*", 2, cur * 2))
+
+    story.append(f"How many {item} does {name} have now?")
+    answer = str(steps[-1][3])
+    lines = [f"### Rationales: {RATIONALE}"]
+    lines += [f"### Step {i}: {x} {op} {y} = {r}" for i, (x, op, y, r) in enumerate(steps, 1)]
+    lines.append(f"### The final answer is: {answer}")
+    return {
+        "prompt": " ".join(story),
+        "answer": answer,
+        "key_steps": [_step_forms(x, op, y, r) for x, op, y, r in steps],
+        "solution": "\n".join(lines),
+    }
+
+
+def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> tuple[list[dict], list[dict]]:
+    """Deterministic train / eval splits; no eval prompt appears in train."""
+    rng = random.Random(seed)
+    train: list[dict] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(train) < n_train:
+        row = make_problem(rng)
+        tries += 1
+        if row["prompt"] in seen and tries < 50 * n_train:
+            continue
+        seen.add(row["prompt"])
+        train.append(row)
+    evals: list[dict] = []
+    tries = 0
+    while len(evals) < n_eval:
+        row = make_problem(rng)
+        tries += 1
+        if row["prompt"] in seen:
+            if tries > 50 * (n_eval + n_train):
+                raise RuntimeError("could not draw enough distinct eval problems")
+            continue
+        seen.add(row["prompt"])
+        evals.append(row)
+    return train, evals
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file (and line)."""
+
+
+def load_jsonl(path: str | os.PathLike, required: Iterable[str] = ("prompt", "answer")) -> list[dict]:
+    """Read rows from a JSONL file; errors name the file and the 1-based line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {str(p)!r}")
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{p}:{lineno}: missing required field(s) {', '.join(map(repr, missing))}")
+            if not isinstance(row["prompt"], str):
+                raise DataError(f"{p}:{lineno}: field 'prompt' must be a string")
+            row["answer"] = str(row["answer"])
+            ks = row.get("key_steps")
+            if ks is not None:
+                if not isinstance(ks, list):
+                    raise DataError(f"{p}:{lineno}: field 'key_steps' must be a list of lists of strings")
+                row["key_steps"] = [[g] if isinstance(g, str) else list(g) for g in ks]
+            rows.append(row)
+    if not rows:
+        raise DataError(f"data file is empty: {str(p)!r}")
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fastgrpo.task", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory for train.jsonl and eval.jsonl")
+    ap.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    ap.add_argument("--n-train", type=int, default=2000, help="train problems (default 2000)")
+    ap.add_argument("--n-eval", type=int, default=200, help="eval problems (default 200)")
+    args = ap.parse_args(argv)
+    train, evals = make_splits(args.seed, args.n_train, args.n_eval)
+    write_jsonl(train, Path(args.out) / "train.jsonl")
+    write_jsonl(evals, Path(args.out) / "eval.jsonl")
+    print(f"wrote {len(train)} train and {len(evals)} eval rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ----------------------------------------------------------------------------- scoring
+
+_FINAL = "### the final answer is:"
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The text after the last ``### The final answer is:`` header (first line, stripped), or None."""
+    low = text.lower()
+    k = low.rfind(_FINAL)
+    if k < 0:
+        return None
+    ans = text[k + len(_FINAL):].strip().split("\n")[0].strip().rstrip(".")
+    return ans or None
+
+
+def answer_correct(text: str, answer: str) -> bool:
+    """Exact (numeric when both parse) match of the final-answer line against ``answer``."""
+    got = extract_final_answer(text)
+    if got is None:
+        return False
+    try:
+        return float(got.replace(",", "")) == float(str(answer).replace(",", ""))
+    except ValueError:
+        return got.strip().lower() == str(answer).strip().lower()

@@ -1,0 +1,84 @@
+"""A small word-level tokenizer for the built-in task, built offline with ``tokenizers``.
+
+Pre-tokenization splits text into ``###``, words, single digits, single symbols, newlines and
+runs of spaces; a word, digit or symbol keeps the one space before it (`` Step``, `` 1``,
+``2``), so decoding is plain concatenation and round-trips exactly.  Numbers are spelled one
+digit per token.  Special tokens: ``<s>`` (bos), ``</s>`` (eos), ``<pad>``, ``<unk>``,
+``<|user|>``, ``<|assistant|>``.  The chat template renders::
+
+    <s><|user|>
+    {prompt}
+    <|assistant|>
+    {completion}</s>
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+__all__ = ["build_tokenizer", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "encode_prompt"]
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}<|user|>\n{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_SPLIT = Regex(r" ?###| ?[A-Za-z]+| ?[0-9]| ?[^A-Za-z0-9\s]|\n| +")
+
+
+def _pre_tokenizer():
+    return pre_tokenizers.Split(_SPLIT, behavior="isolated")
+
+
+def _corpus() -> list[str]:
+    from fastgrpo.task import ITEMS, NAMES, make_splits
+
+    train, evals = make_splits(seed=12345, n_train=3000, n_eval=10)
+    texts = [r["prompt"] + "\n" + r["solution"] for r in train + evals]
+    texts += [" ".join(g) for r in train[:200] for g in r["key_steps"]]
+    words = [n for n, _ in NAMES] + [p for _, p in NAMES] + ITEMS
+    words += ["He", "She", "The", "Then", "Step", "answer", "final", "is", "Rationales"]
+    texts += [" " + " ".join(words), " ".join(words)]
+    texts += [" ".join(string.digits), string.digits]
+    texts += [" ".join(string.punctuation), string.punctuation, "\n\n  "]
+    return texts
+
+
+def build_tokenizer(extra_texts: list[str] | None = None):
+    """A ``PreTrainedTokenizerFast`` whose vocabulary covers the built-in task (+ ``extra_texts``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    pre = _pre_tokenizer()
+    vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for text in _corpus() + list(extra_texts or []):
+        for piece, _ in pre.pre_tokenize_str(text):
+            if piece not in vocab:
+                vocab[piece] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"],
+        padding_side="left", model_max_length=1024,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a user prompt ready for generation (chat template when the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
