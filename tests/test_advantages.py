@@ -97,3 +97,18 @@ def test_process_advantages_hand_computed():
 def test_process_advantages_bad_index():
     with pytest.raises(ValueError, match=r"token_step_index 2 is outside \[-1, 2\)"):
         process_advantages(torch.zeros(2, 2), torch.tensor([[0, 2], [0, 1]]), group_size=2)
+
+
+def test_triton_backend_matches_torch_under_interpreter():
+    """The CUDA path (Triton group z-score) agrees with the torch path; here interpreted."""
+    pytest.importorskip("triton")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py) on a CPU machine")
+    r = torch.randn(6 * 5, generator=torch.Generator().manual_seed(3))
+    r[5:10] = 0.7  # an all-equal group -> exactly 0
+    for scale in ("group", "none"):
+        a = group_advantages(r, group_size=5, scale=scale, backend="triton")
+        b = group_advantages(r, group_size=5, scale=scale, backend="torch")
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert (a[5:10] == 0).all()
