@@ -220,8 +220,9 @@ def test_fused_logprobs_triton_end_to_end(dtype):
     _close(gw, w64.grad, gtol, "dL/dw vs float64")
     # rows whose targets are ignored still get entropy gradient only through b (here 0)
     t_logp, t_ent, t_gh, t_gw = results["torch"]
-    _close(logp, t_logp, 2e-5, "logp vs torch backend")
-    _close(ent, t_ent, 2e-5, "entropy vs torch backend")
+    # both backends are within 2e-5 of float64 (checked above): they may differ by the sum
+    _close(logp, t_logp, 4e-5, "logp vs torch backend")
+    _close(ent, t_ent, 4e-5, "entropy vs torch backend")
     _close(gh, t_gh, gtol, "dL/dh vs torch backend")
     _close(gw, t_gw, gtol, "dL/dw vs torch backend")
 
