@@ -16,11 +16,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "LOSS_TYPES"]
+__all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "LOSS_TYPES",
+           "explicit_fields"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
+DP_STRATEGIES = ("auto", "ddp", "fsdp")
+ATTN_CHOICES = ("auto", "flash_attention_2", "xformers", "sdpa", "eager")
 
 
 class ConfigError(ValueError):
@@ -84,6 +87,17 @@ class TrainConfig:
     plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
     save: bool = _f(True, "save the final model to <out_dir>/model")
     progress: bool = _f(True, "progress bar on stderr")
+    # checkpoints and resume
+    save_every: int = _f(0, "write a resumable checkpoint to <out_dir>/checkpoints/step-N every N steps (0: never)")
+    keep_last: int = _f(3, "checkpoints kept on disk (older ones are pruned; the newest valid one always stays)")
+    resume: str = _f("", "resume from a checkpoint: DIR (a step-N checkpoint or a run directory) | auto "
+                         "(newest valid checkpoint of --out-dir; starts fresh when there is none)")
+    # hardware, presets, parallelism
+    attn_implementation: str = _f("auto", "attention backend: auto | flash_attention_2 | xformers | sdpa | eager "
+                                          "(auto: flash-attn, then xformers on CUDA, else sdpa)")
+    preset: str = _f("", "named preset, e.g. smollm2-135m: its model and hyper-parameters, except options "
+                         "given explicitly (flags or --config file) (fastgrpo.presets.PRESETS lists them)")
+    dp_strategy: str = _f("auto", "data parallelism under torchrun: auto (FSDP2 on CUDA, DDP on CPU) | ddp | fsdp")
 
     def validate(self) -> "TrainConfig":
         def bad(name, why):
@@ -96,7 +110,7 @@ class TrainConfig:
                   "max_new_tokens", "gen_batch_size", "eval_size"):
             if getattr(self, n) < 1:
                 bad(n, "must be >= 1")
-        for n in ("warmup_steps", "eval_every", "sample_every", "threads"):
+        for n in ("warmup_steps", "eval_every", "sample_every", "threads", "save_every"):
             if getattr(self, n) < 0:
                 bad(n, "must be >= 0")
         if not self.temperature > 0:
@@ -119,6 +133,17 @@ class TrainConfig:
             bad("importance_sampling_level", f"choose one of {', '.join(IS_LEVELS)}")
         if self.backend not in ("auto", "torch", "triton"):
             bad("backend", "choose one of auto, torch, triton")
+        if self.keep_last < 1:
+            bad("keep_last", "must be >= 1")
+        if self.dp_strategy not in DP_STRATEGIES:
+            bad("dp_strategy", f"choose one of {', '.join(DP_STRATEGIES)}")
+        from fastgrpo.attention import _ALIASES
+        if self.attn_implementation.lower() not in _ALIASES:
+            bad("attn_implementation", f"unknown attention backend; choose one of {', '.join(ATTN_CHOICES)}")
+        if self.preset:
+            from fastgrpo.presets import PRESETS
+            if self.preset not in PRESETS:
+                bad("preset", f"unknown preset; choose one of {', '.join(sorted(PRESETS))}")
         for spec in self.reward:
             if not isinstance(spec, str) or ":" not in spec.split("=")[0]:
                 raise ConfigError(f"invalid --reward {spec!r}: expected 'module:function[=weight]'")
@@ -241,4 +266,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         values.update(load_config_file(cfg_file))
     cli = {k: v for k, v in vars(ns).items() if k != "config"}
     values.update(cli)
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    cfg._explicit = frozenset(values)  # what the user set (flags + file): a --preset does not override these
+    return cfg
+
+
+def explicit_fields(cfg: TrainConfig) -> frozenset:
+    """Names of the fields the user set explicitly: recorded by ``parse_args`` (flags and
+    config file); for a ``TrainConfig`` built in code, the fields that differ from their
+    defaults."""
+    got = getattr(cfg, "_explicit", None)
+    if got is not None:
+        return frozenset(got)
+    default = TrainConfig()
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig)
+                     if getattr(cfg, f.name) != getattr(default, f.name))

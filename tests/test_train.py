@@ -187,6 +187,11 @@ def test_lr_schedule():
     (["--group-size", "1"], "invalid --group-size 1: must be >= 2"),
     (["--loss-type", "ppo"], "invalid --loss-type 'ppo': unknown loss type; choose one of grpo"),
     (["--reward", "nocolon"], "invalid --reward 'nocolon'"),
+    (["--save-every", "-1"], "invalid --save-every -1: must be >= 0"),
+    (["--keep-last", "0"], "invalid --keep-last 0: must be >= 1"),
+    (["--dp-strategy", "zero3"], "invalid --dp-strategy 'zero3': choose one of auto, ddp, fsdp"),
+    (["--attn-implementation", "flash3"], "invalid --attn-implementation 'flash3': unknown attention backend"),
+    (["--preset", "gpt5"], "invalid --preset 'gpt5': unknown preset; choose one of smollm2-135m"),
 ])
 def test_bad_config_values(argv, message):
     with pytest.raises(ConfigError) as e:
@@ -215,6 +220,22 @@ def test_config_file_and_overrides(tmp_path):
     except ImportError:
         with pytest.raises(ConfigError, match="PyYAML"):
             parse_args(["--config", str(y)])
+
+
+def test_new_options_in_help_and_preset_keeps_explicit_values(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--save-every", "--keep-last", "--resume", "--attn-implementation", "--preset",
+                 "--dp-strategy"):
+        assert flag in out, flag
+    from fastgrpo.config import explicit_fields
+    from fastgrpo.presets import apply_preset
+    cfg = parse_args(["--preset", "smollm2-135m", "--lr", "0.01", "--steps", "60"])
+    assert explicit_fields(cfg) == {"preset", "lr", "steps"}
+    assert explicit_fields(TrainConfig(group_size=4)) == {"group_size"}  # built in code
+    got = apply_preset(cfg, cfg.preset, explicit=explicit_fields(cfg), resolve_model=False)
+    assert (got.lr, got.steps, got.max_new_tokens) == (0.01, 60, 256)
 
 
 def test_every_option_has_help():
