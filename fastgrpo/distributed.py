@@ -385,5 +385,8 @@ def gather_for_generation(wrapped: torch.nn.Module):
         yield
     finally:
         for m in fsdp_mods:
-            m.set_reshard_after_forward(True, recurse=False)
+            # back to FSDP2's own settings: inner modules reshard after forward; the root does
+            # not (its lazy init sets that), and must not here since the lm_head weight it
+            # returns is used by the loss after the forward
+            m.set_reshard_after_forward(m is not wrapped, recurse=False)
             m.reshard()

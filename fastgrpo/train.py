@@ -505,21 +505,8 @@ def _run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> dict:
         with torch.no_grad():  # directly, which would otherwise each become their own root
             policy(torch.tensor([[pad_id]], device=device), torch.zeros(1, 1, dtype=torch.long, device=device))
 
-    def generation_context():
-        """``gather_for_generation``, then the FSDP2 root kept unsharded after forward again (its
-        lm_head weight is a forward output used by the loss; the context's exit sets every module,
-        root included, to reshard after forward)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            with dist_.gather_for_generation(policy):
-                yield
-            if fsdp:
-                policy.set_reshard_after_forward(False, recurse=False)
-        return ctx()
     if before is None:
-        with generation_context():
+        with dist_.gather_for_generation(policy):
             before = evaluate(model, tokenizer, eval_rows, reward_set, cfg, encode) if evaluator else {}
         if main:
             print(f"eval before: accuracy {before['accuracy']:.3f}  validity {before['validity']:.3f}",
@@ -558,7 +545,7 @@ def _run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> dict:
         idx, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
         mine = [idx[g] for g in dist_.groups_for_rank(len(idx), rank, world)]
         gen_error = None
-        with generation_context():
+        with dist_.gather_for_generation(policy):
             try:
                 ro: Rollout = generate(model, tokenizer, [prompt_ids(i) for i in mine], group_size=G,
                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -659,7 +646,7 @@ def _run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> dict:
             "peak_mem_mb": _peak_memory_mb(device),
         })
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            with generation_context():
+            with dist_.gather_for_generation(policy):
                 ev = evaluate(model, tokenizer, eval_rows, reward_set, cfg, encode) if evaluator else {}
                 if main:
                     m["eval/accuracy"], m["eval/validity"] = ev["accuracy"], ev["validity"]
@@ -688,7 +675,7 @@ def _run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> dict:
     if main:
         metrics_f.close()
         samples_f.close()
-    with generation_context():
+    with dist_.gather_for_generation(policy):
         after = evaluate(model, tokenizer, eval_rows, reward_set, cfg, encode) if evaluator else {}
     full_sd = _full_state_dict(model) if cfg.save else None  # FSDP2: collective
     if not main:

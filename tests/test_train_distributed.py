@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -66,14 +67,15 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, strategy):
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(runner), *ARGS, "--out-dir", str(one)])
     r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-              str(runner), *ARGS, "--out-dir", str(two)])
+              str(runner), *ARGS, "--out-dir", str(two), "--dp-strategy", strategy])
     assert r.stdout.count("held-out greedy") == 1  # rank 0 alone reports
 
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
