@@ -14,7 +14,7 @@ from pathlib import Path
 
 __all__ = ["plot_curves", "write_png"]
 
-PANELS = [("reward/mean", "reward"), ("accuracy", "train accuracy"), ("validity", "validity"),
+PANELS = [("reward/mean", "reward"), ("accuracy", "accuracy  red: held-out"), ("validity", "validity"),
           ("step_k", "steprar k"), ("kl", "kl"), ("completion_len/mean", "completion length")]
 
 # 3x5 bitmap font: each glyph is 5 rows of 3 bits.
@@ -83,7 +83,16 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
-def _fallback(history: list[dict], path) -> None:
+def _moving_average(ys: list[float], window: int = 8) -> list[float]:
+    out, acc = [], []
+    for v in ys:
+        acc = (acc + [v])[-window:] if math.isfinite(v) else acc
+        out.append(sum(acc) / len(acc) if acc else math.nan)
+    return out
+
+
+def _fallback(history: list[dict], path, before: dict | None = None,
+              after: dict | None = None) -> None:
     pw, ph, pad = 320, 220, 40
     cols, rows = 3, 2
     cv = _Canvas(cols * pw, rows * ph)
@@ -92,8 +101,11 @@ def _fallback(history: list[dict], path) -> None:
         ox, oy = (k % cols) * pw, (k // cols) * ph
         x0, x1, y0, y1 = ox + pad, ox + pw - 12, oy + 28, oy + ph - 24
         ys = [float(m.get(key, math.nan)) for m in history]
-        evals = [(m["step"], m["eval/accuracy"]) for m in history if "eval/accuracy" in m] \
-            if key == "accuracy" else []
+        evals = []
+        if key == "accuracy":  # held-out greedy accuracy: before, periodic evals, after
+            evals = ([(0, before["accuracy"])] if before else []) + \
+                [(m["step"], m["eval/accuracy"]) for m in history if "eval/accuracy" in m] + \
+                ([(steps[-1], after["accuracy"])] if after else [])
         vals = [v for v in ys if math.isfinite(v)] + [v for _, v in evals]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         if hi - lo < 1e-9:
@@ -107,20 +119,24 @@ def _fallback(history: list[dict], path) -> None:
         cv.text(ox + 4, y0 - 2, _fmt(hi), (90, 90, 90), 1)
         cv.text(ox + 4, y1 - 4, _fmt(lo), (90, 90, 90), 1)
         cv.text(x1 - 40, y1 + 6, f"step {steps[-1]}", (90, 90, 90), 1)
-        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+        s0 = min([steps[0]] + [e[0] for e in evals])
+        s1 = max(steps[-1], s0 + 1)
 
         def to_xy(s, v):
             return x0 + (x1 - x0) * (s - s0) / (s1 - s0), y1 - (y1 - y0) * (v - lo) / (hi - lo)
 
-        prev = None
-        for s, v in zip(steps, ys):
-            if not math.isfinite(v):
-                prev = None
-                continue
-            p = to_xy(s, v)
-            if prev is not None:
-                cv.line(prev[0], prev[1], p[0], p[1], (31, 119, 180), 2)
-            prev = p
+        # raw per-step values light, their moving average (8 steps) dark
+        for series, colour, width in ((ys, (170, 200, 230), 1),
+                                      (_moving_average(ys), (31, 119, 180), 2)):
+            prev = None
+            for s, v in zip(steps, series):
+                if not math.isfinite(v):
+                    prev = None
+                    continue
+                p = to_xy(s, v)
+                if prev is not None:
+                    cv.line(prev[0], prev[1], p[0], p[1], colour, width)
+                prev = p
         for s, v in evals:
             x, y = to_xy(s, v)
             for dx in range(-3, 4):
@@ -137,7 +153,7 @@ def plot_curves(history: list[dict], before: dict | None, after: dict | None, pa
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _fallback(history, path)
+        _fallback(history, path, before, after)
         return path
     steps = [m["step"] for m in history]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))

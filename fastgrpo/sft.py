@@ -3,14 +3,19 @@
 Trains a freshly initialised tiny Llama (``fastgrpo.modeling.tiny_config``) with the built-in
 task's tokenizer on ``prompt -> solution</s>``, loss on the completion tokens only, through the
 same packed, lm_head-free path as the RL trainer (backbone hidden states -> fused log-probs).
-It is deliberately stopped early: the warm-up model knows the layout but still makes
-arithmetic mistakes, so StepGRPO has something to improve.
+The warm-up data is imperfect on purpose, the way real SFT data is: with probability
+``--skip-double-prob`` (default 0.6) a solution ignores the story's "the number of X doubles"
+sentence (``fastgrpo.task.warmup_solution``), so the warm-up model learns the layout but also
+the habit of skipping that step; it also still makes arithmetic mistakes.  StepGRPO's
+step-wise rewards (the missing key step, the wrong final answer) are what removes the habit,
+which is what the default ``python -m fastgrpo.train`` run shows on held-out problems.
 
 The shipped checkpoint ``fastgrpo/assets/warmup/`` was built with exactly::
 
     python -m fastgrpo.sft --out fastgrpo/assets/warmup
 
-(the defaults below: seed 0, 2000 train problems, 500 steps of 32 sequences, lr 3e-3).
+(the defaults below: seed 0, 2000 train problems, 500 steps of 32 sequences, lr 3e-3,
+skip-double probability 0.6; about 8 minutes on one CPU thread).
 """
 
 from __future__ import annotations
@@ -29,23 +34,27 @@ from fastgrpo.logprobs import fused_logprobs
 from fastgrpo.modeling import backbone_hidden, build_tiny_model, lm_head_weight
 from fastgrpo.packing import pack_sequences
 from fastgrpo.rollout import generate
-from fastgrpo.task import answer_correct, make_splits
+from fastgrpo.task import answer_correct, make_splits, warmup_solution
 from fastgrpo.tokenizer import build_tokenizer, encode_prompt
 
 __all__ = ["sft", "greedy_accuracy", "main"]
 
 
-def _encode_rows(tokenizer, rows):
+def _encode_rows(tokenizer, rows, skip_double_prob: float = 0.0, seed: int = 0):
     eos = tokenizer.eos_token
+    rng = random.Random(seed + 1)
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]
-    comps = [tokenizer(r["solution"] + eos, add_special_tokens=False)["input_ids"] for r in rows]
+    comps = [tokenizer(warmup_solution(r, rng, skip_double_prob) + eos,
+                       add_special_tokens=False)["input_ids"] for r in rows]
     return prompts, comps
 
 
 def sft(model, tokenizer, rows, *, steps: int, batch_size: int = 32, lr: float = 3e-3,
-        warmup: int = 10, seed: int = 0, micro_batch_tokens: int = 768, log_every: int = 20, log=print) -> list[float]:
-    """Completion-only SFT; returns the loss of every step."""
-    prompts, comps = _encode_rows(tokenizer, rows)
+        warmup: int = 10, seed: int = 0, micro_batch_tokens: int = 768, log_every: int = 20, log=print,
+        skip_double_prob: float = 0.0) -> list[float]:
+    """Completion-only SFT; returns the loss of every step.  ``skip_double_prob``: see
+    ``fastgrpo.task.warmup_solution`` (each training row's target is drawn once)."""
+    prompts, comps = _encode_rows(tokenizer, rows, skip_double_prob, seed)
     rng = random.Random(seed)
     order: list[int] = []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers")
     ap.add_argument("--heads", type=int, default=4, help="attention heads")
     ap.add_argument("--eval-size", type=int, default=200, help="held-out problems for the final greedy eval")
+    ap.add_argument("--skip-double-prob", type=float, default=0.6,
+                    help="probability that a warm-up solution ignores its 'doubles' sentence")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for the tiny model; 0 keeps torch's default)")
     args = ap.parse_args(argv)
@@ -114,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny llama: {n_params / 1e6:.2f}M parameters, vocabulary {len(tok)}", file=sys.stderr)
     t0 = time.time()
-    sft(model, tok, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    if not 0.0 <= args.skip_double_prob <= 1.0:
+        ap.error(f"--skip-double-prob must be in [0, 1], got {args.skip_double_prob}")
+    sft(model, tok, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        skip_double_prob=args.skip_double_prob)
     acc = greedy_accuracy(model, tok, evals[:args.eval_size])
     print(json.dumps({"sft_steps": args.steps, "eval_greedy_accuracy": acc,
                       "seconds": round(time.time() - t0, 1)}))

@@ -28,11 +28,12 @@ import argparse
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Iterable
 
 __all__ = ["make_problem", "make_splits", "load_jsonl", "write_jsonl", "DataError",
-           "RATIONALE", "NAMES", "ITEMS", "extract_final_answer", "answer_correct"]
+           "RATIONALE", "NAMES", "ITEMS", "extract_final_answer", "answer_correct", "warmup_solution"]
 
 NAMES = [("Tom", "he"), ("Sam", "he"), ("Ben", "he"), ("Leo", "he"),
          ("Ann", "she"), ("Mia", "she"), ("Eva", "she"), ("Zoe", "she")]
@@ -119,6 +120,51 @@ def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> tuple[
         seen.add(row["prompt"])
         evals.append(row)
     return train, evals
+
+
+# ----------------------------------------------------------------------------- warm-up data
+
+_STEP_LINE = re.compile(r"^### Step (\d+): (\d+) ([*+-]) (\d+) = (-?\d+)$")
+
+
+def warmup_solution(row: dict, rng: random.Random, skip_double_prob: float = 0.0) -> str:
+    """The SFT target for ``row``: its reference solution, or, with ``skip_double_prob``, the
+    same solution with one systematic reasoning slip: the story's "the number of X doubles"
+    sentence is ignored (the doubling step is dropped and the later steps carry the
+    un-doubled value, so the final answer is wrong).
+
+    Real warm-up data has habits like this; StepGRPO's rewards (the missing key step in
+    StepRAR, the wrong final answer in the accuracy term) are what teaches the policy to stop
+    skipping the sentence.  The eval split and the RL rewards always use the clean reference.
+    """
+    lines = row["solution"].split("\n")
+    steps = [_STEP_LINE.match(line) for line in lines]
+    doubles = [i for i, m in enumerate(steps) if m and int(m.group(1)) > 1
+               and m.group(3) == "*" and m.group(4) == "2"]
+    if not doubles or rng.random() >= skip_double_prob:
+        return row["solution"]
+    k = doubles[0]
+    cur = int(steps[k].group(2))          # the value before doubling
+    out, number = [], 0
+    for i, (line, m) in enumerate(zip(lines, steps)):
+        if i == k:
+            continue
+        if m is None:
+            if line.startswith("### The final answer is:"):
+                line = f"### The final answer is: {cur}"
+            out.append(line)
+            continue
+        number += 1
+        a, op, b = int(m.group(2)), m.group(3), int(m.group(4))
+        if i > k:
+            a = cur
+            if op == "-" and b >= a:      # the slip cannot be written with small positive numbers
+                return row["solution"]
+            cur = a * b if op == "*" else a + b if op == "+" else a - b
+        else:
+            cur = int(m.group(5))
+        out.append(f"### Step {number}: {a} {op} {b} = {cur}")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- JSONL

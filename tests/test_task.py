@@ -118,3 +118,29 @@ def test_tokenizer_covers_task_and_roundtrips(tok, splits, tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert encode_prompt(again, "Tom has 3 pens.") == ids
     assert again.padding_side == "left"
+
+
+def test_warmup_solution_skips_the_doubling_sentence():
+    """Hand-worked: 2 + 6 = 8, 8 - 7 = 1, 1 * 2 = 2 (doubles) -> the slip drops step 3 and
+    answers 1; a doubling in the middle carries the un-doubled value into the later steps."""
+    import random
+    from fastgrpo.task import warmup_solution
+    row = {"solution": "### Rationales: r\n### Step 1: 2 + 6 = 8\n### Step 2: 8 - 7 = 1\n"
+                       "### Step 3: 1 * 2 = 2\n### The final answer is: 2"}
+    assert warmup_solution(row, random.Random(0), 1.0) == (
+        "### Rationales: r\n### Step 1: 2 + 6 = 8\n### Step 2: 8 - 7 = 1\n"
+        "### The final answer is: 1")
+    assert warmup_solution(row, random.Random(0), 0.0) == row["solution"]
+    middle = {"solution": "### Rationales: r\n### Step 1: 3 * 4 = 12\n### Step 2: 12 * 2 = 24\n"
+                          "### Step 3: 24 + 5 = 29\n### The final answer is: 29"}
+    assert warmup_solution(middle, random.Random(0), 1.0) == (
+        "### Rationales: r\n### Step 1: 3 * 4 = 12\n### Step 2: 12 + 5 = 17\n"
+        "### The final answer is: 17")
+    # a first-step "a * 2" is the story's first operation, not a doubling sentence
+    first = {"solution": "### Rationales: r\n### Step 1: 3 * 2 = 6\n### Step 2: 6 + 1 = 7\n"
+                         "### The final answer is: 7"}
+    assert warmup_solution(first, random.Random(0), 1.0) == first["solution"]
+    # a slip that would need a non-positive subtraction is not written
+    sub = {"solution": "### Rationales: r\n### Step 1: 2 + 3 = 5\n### Step 2: 5 * 2 = 10\n"
+                       "### Step 3: 10 - 7 = 3\n### The final answer is: 3"}
+    assert warmup_solution(sub, random.Random(0), 1.0) == sub["solution"]
