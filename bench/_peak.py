@@ -1,10 +1,11 @@
-"""Prints the resident-set growth (bytes) of one fwd+bwd: `python bench/_peak.py KIND IMPL N D V`.
+"""Prints the peak resident-set growth (bytes) of one fwd+bwd: `python bench/_peak.py KIND IMPL N D V`.
 
-Run in a fresh process by the benchmarks on CPU, where torch has no allocator statistics:
-ru_maxrss is the process's high-water mark, so the growth over a warmed-up baseline is the
-peak extra memory of the call (inputs are allocated before the baseline is read).
+Run in a fresh process by the benchmarks on CPU, where torch has no allocator statistics.
+After the inputs exist and one small warm-up call has loaded the kernels, the kernel's RSS
+high-water mark is reset (Linux: writing 5 to /proc/self/clear_refs), so VmHWM after the
+call minus VmRSS before it is the call's peak extra memory (its outputs and gradients
+included).
 """
-import resource
 import sys
 from pathlib import Path
 
@@ -28,10 +29,22 @@ else:
     with torch.no_grad():
         lp = fused_logprobs(h, w, y)
     args = (h, w, y, cu, adv, lp + noise, lp - noise)
-    warm = None
+    warm = (h[:512].detach().requires_grad_(), w, y[:512], cu[:2].clamp(max=512), adv[:1],
+            args[5][:512], args[6][:512])
 h.grad = w.grad = None
 if warm is not None:
     fn(*warm)  # load libraries and kernels before the baseline
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def status_bytes(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status_bytes("VmRSS")
 fn(*args)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+print(status_bytes("VmHWM") - base)

@@ -58,8 +58,10 @@ def cuda_peak_extra(fn):
 
 def cpu_peak_extra(kind: str, impl: str, n: int, d: int, v: int) -> int:
     """RSS growth of one fwd+bwd in a fresh process (ru_maxrss is a high-water mark)."""
+    # a pinned glibc mmap threshold makes RSS track live tensors, not allocator residue
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
     out = subprocess.run([sys.executable, str(HERE / "_peak.py"), kind, impl, str(n), str(d),
-                          str(v)], capture_output=True, text=True, timeout=900)
+                          str(v)], capture_output=True, text=True, timeout=900, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return int(out.stdout.split()[-1])
