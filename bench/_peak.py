@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_inputs  # noqa: E402
+from conftest import make_inputs, rss_peak_extra  # noqa: E402
 from implementations import LOGPROB_IMPLS, LOSS_IMPLS, loss_inputs  # noqa: E402
 
 kind, impl = sys.argv[1], sys.argv[2]
@@ -32,19 +32,5 @@ else:
     warm = (h[:512].detach().requires_grad_(), w, y[:512], cu[:2].clamp(max=512), adv[:1],
             args[5][:512], args[6][:512])
 h.grad = w.grad = None
-if warm is not None:
-    fn(*warm)  # load libraries and kernels before the baseline
-
-
-def status_bytes(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-base = status_bytes("VmRSS")
-fn(*args)
-print(status_bytes("VmHWM") - base)
+fn(*warm)  # load libraries and kernels before the baseline
+print(rss_peak_extra(lambda: fn(*args)))

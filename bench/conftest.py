@@ -56,10 +56,32 @@ def cuda_peak_extra(fn):
     return torch.cuda.max_memory_allocated() - base
 
 
+# glibc keeps freed large blocks in a heap that does not shrink once its dynamic mmap threshold
+# has risen; pinned at 1 MiB, large tensors are mmap'd and unmapped when freed, so the RSS of a
+# child process started with this environment tracks live tensors, not allocator residue.
+PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_peak_extra(fn) -> int:
+    """Peak resident-set growth (bytes) while ``fn()`` runs, in this process (Linux): the
+    kernel's high-water mark is reset first (``5`` into /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - base
+
+
 def cpu_peak_extra(kind: str, impl: str, n: int, d: int, v: int) -> int:
     """RSS growth of one fwd+bwd in a fresh process (ru_maxrss is a high-water mark)."""
-    # a pinned glibc mmap threshold makes RSS track live tensors, not allocator residue
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    env = {**os.environ, **PEAK_ENV}
     out = subprocess.run([sys.executable, str(HERE / "_peak.py"), kind, impl, str(n), str(d),
                           str(v)], capture_output=True, text=True, timeout=900, env=env)
     if out.returncode != 0:

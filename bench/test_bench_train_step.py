@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+
+from conftest import PEAK_ENV, rss_peak_extra
 
 RESULTS: dict[str, dict] = {}
 
@@ -111,7 +112,8 @@ def _peak_bytes(impl: str) -> int:
         STEPS[impl](model, opt, batches, cfg)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    out = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, **PEAK_ENV})
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return int(out.stdout.split()[-1])
@@ -157,9 +159,8 @@ if __name__ == "__main__":  # peak-memory child: python bench/test_bench_train_s
     impl = sys.argv[1]
     model, opt, batches, warm, cfg = _setup("cpu")
     STEPS[impl](model, opt, warm, cfg)  # warm-up on one short sequence: libraries, AdamW state
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    STEPS[impl](model, opt, batches, cfg)
+    peak = rss_peak_extra(lambda: STEPS[impl](model, opt, batches, cfg))
     dt = time.perf_counter() - t0
     print(json.dumps({"impl": impl, "seconds": dt}), file=sys.stderr)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    print(peak)
