@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"gen_tokens_per_s", "train_tokens_per_s", "gen_seconds", "train_seconds", "peak_mem_mb"}
+# temperature 1.5: the sharp warm-up model would often give groups with equal rewards
 ARGS = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "3", "--eval-size", "1",
-        "--micro-batch-tokens", "200", "--lr", "1e-3", "--device", "cpu", "--threads", "1",
+        "--temperature", "1.5", "--micro-batch-tokens", "200", "--lr", "1e-3", "--device", "cpu", "--threads", "1",
         "--no-plot", "--no-progress", "--save-every", "2"]
 
 RUNNER = '''
