@@ -119,6 +119,32 @@ _MAX_BLOCK_V = max(c["BLOCK_V"] for cs in CONFIGS.values() for c in cs)
 
 
 @triton.jit
+def _logits_tile(h_base, w_base, rmask, cmask, offs_d, D,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """``h[rows] @ w[cols].T`` for one [BLOCK_N, BLOCK_V] tile, fp32 accumulation over D.
+    ``h_base`` points at ``h[rows, 0:BLOCK_D]`` ([BLOCK_N, BLOCK_D]), ``w_base`` at the
+    transposed ``w[cols, 0:BLOCK_D]`` ([BLOCK_D, BLOCK_V])."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            a = tl.load(h_base + d0, mask=rmask[:, None], other=0.0)
+            b = tl.load(w_base + d0, mask=cmask[None, :], other=0.0)
+        else:
+            dmask = (d0 + offs_d) < D
+            a = tl.load(h_base + d0, mask=rmask[:, None] & dmask[None, :], other=0.0)
+            b = tl.load(w_base + d0, mask=cmask[None, :] & dmask[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
                 N, V, D, stride_hn, stride_wv, inv_t, v_per_split,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -144,22 +170,8 @@ def _fwd_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
         cols = v0 + offs_v
         cmask = cols < v_end
         w_base = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_d[:, None]
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            if EVEN_D:
-                a = tl.load(h_base + d0, mask=rmask[:, None], other=0.0)
-                b = tl.load(w_base + d0, mask=cmask[None, :], other=0.0)
-            else:
-                dmask = (d0 + offs_d) < D
-                a = tl.load(h_base + d0, mask=rmask[:, None] & dmask[None, :], other=0.0)
-                b = tl.load(w_base + d0, mask=cmask[None, :] & dmask[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if a.dtype == tl.float32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+        acc = _logits_tile(h_base, w_base, rmask, cmask, offs_d, D,
+                           BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, UPCAST)
         z = tl.where(cmask[None, :], acc * inv_t, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # whole row -inf so far
@@ -193,22 +205,8 @@ def _grad_logits_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, d
     offs_d = tl.arange(0, BLOCK_D)
     h_base = h_ptr + rows64[:, None] * stride_hn + offs_d[None, :]
     w_base = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_d[:, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            a = tl.load(h_base + d0, mask=rmask[:, None], other=0.0)
-            b = tl.load(w_base + d0, mask=cmask[None, :], other=0.0)
-        else:
-            dmask = (d0 + offs_d) < D
-            a = tl.load(h_base + d0, mask=rmask[:, None] & dmask[None, :], other=0.0)
-            b = tl.load(w_base + d0, mask=cmask[None, :] & dmask[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if a.dtype == tl.float32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = _logits_tile(h_base, w_base, rmask, cmask, offs_d, D,
+                       BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, UPCAST)
     z = acc * inv_t
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
