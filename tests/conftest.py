@@ -9,3 +9,16 @@ their own subprocesses.  The CPU default backend stays ``torch``: only tests tha
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402  (after the environment variable, on purpose)
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the tiny trainer is fastest so on the 2-core CI)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -30,12 +30,7 @@ ARGS = ["--steps", "4", "--save-every", "1", "--prompts-per-step", "3", "--group
 TIMING = {"gen_tokens_per_s", "train_tokens_per_s", "gen_seconds", "train_seconds", "peak_mem_mb"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
