@@ -133,11 +133,20 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> str:
     out = root / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return str(out)
+    from transformers import AutoModelForCausalLM
+
     model, tok = load_smollm2(torch.float32)
+    # the GGUF weights are already de-quantized, but transformers marks a GGUF-loaded model
+    # as quantized and refuses to save it: copy them into a plain model of the same config
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
     tmp = root / f".tmp-smollm2-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

@@ -7,6 +7,7 @@ Marked slow: ~35-45 s on CI's two cores (GGUF de-quantization dominates).
 
 from __future__ import annotations
 
+from pathlib import Path
 import importlib.util
 import time
 
@@ -68,3 +69,23 @@ def test_smollm2_fused_logprobs_match_full_logits(smollm2):
     assert torch.all(fused[~keep] == 0)
     assert weight.shape == (49152, 576)
     assert -30 < float(ref_lp.mean()) < 0        # a real model: finite, not uniform (-10.8)
+
+
+@pytest.mark.slow
+def test_hf_dir_conversion_gives_the_same_model(smollm2, tmp_path, monkeypatch):
+    """``--preset smollm2-135m`` trains from a plain HF directory converted once from the GGUF
+    file (transformers refuses to save a GGUF-loaded model as it is)."""
+    import fastgrpo.presets as presets
+    from fastgrpo.modeling import load_model
+    model, tok = smollm2
+    monkeypatch.setattr(presets, "load_smollm2", lambda *a, **k: (model, tok))  # no 2nd load
+    d = presets.smollm2_hf_dir(tmp_path)
+    assert (Path(d) / "model.safetensors").is_file() and not list(tmp_path.glob(".tmp-*"))
+    plain, tok2 = load_model(d)[:2]
+    assert tok2.chat_template == tok.chat_template
+    ids = torch.tensor([tok("Tom has 3 boxes with 4 apples in each box.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids, use_cache=False).logits,
+                                   model(input_ids=ids, use_cache=False).logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert presets.smollm2_hf_dir(tmp_path) == d  # cached: returned without converting again
