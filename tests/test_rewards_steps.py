@@ -159,3 +159,22 @@ def test_surface_forms():
     assert R.surface_forms("\\frac{12}{2} = 6") == ["\\frac{12}{2} = 6", "12/2=6", "12 / 2 = 6", "\\frac{12}{2}=6"]
     assert R.surface_forms("x = -3") == ["x = -3", "x=-3"]
     assert R.surface_forms("") == []
+
+
+def test_squash_fast_path_matches_reference():
+    # the ASCII fast path of _squash (bytes) must give exactly the result of
+    # the plain string version on every mix of whitespace and number chars
+    import random
+
+    from fastgrpo.rewards import steps as S
+
+    samples = [
+        "", " ", "1 2", "1  2", "1\n2", "1 \n 2", "1\t2", "a 1 . 2 b", ". .", "x = 6 .", "1\x1f 2", "1 \x1c 2",
+        "12 / 2 = 6", "  1  ", "1\r\n2", "1\x0b2", "1\x0c 2", "\u00e9 1 2", "1 \u2028 2", "\u0663 1",
+    ]
+    rng = random.Random(0)
+    alphabet = list(" \n\t\r\x0b\x0c\x1c\x1f 0123456789..ab=\u00e9\u0663")
+    for _ in range(5000):
+        samples.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))))
+    for s in samples:
+        assert S._squash(s) == S._squash_slow(s), repr(s)

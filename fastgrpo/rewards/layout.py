@@ -214,7 +214,7 @@ class ParsedSolution:
     @property
     def step_text(self) -> str:
         """All step texts joined by newlines (what StepRAR reads)."""
-        return "\n".join(t for _, t in self.steps)
+        return "\n".join([t for _, t in self.steps])
 
 
 def _in_spans(pos: int, spans: list[tuple[int, int]]) -> bool:

@@ -77,6 +77,8 @@ _FRAC_SHORT_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
 _SQRT_RE = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
 _NROOT_RE = re.compile(r"\\sqrt\s*\[([^\[\]]*)\]\s*\{([^{}]*)\}")
 _WRAP_WORDS = ("\\text", "\\math", "\\boxed", "\\operatorname", "\\mbox")
+# ``any(w in s for w in _WRAP_WORDS)`` in one scan
+_WRAP_WORDS_RE = re.compile(r"\\(?:text|math|boxed|operatorname|mbox)")
 # every remaining backslash command, handled by one callback
 _CMD_RE = re.compile(r"\\([a-z]+|.)", re.S)
 _CMD_MAP = {
@@ -149,17 +151,22 @@ def _atom_paren(m: re.Match) -> str:
     return m.group(1)
 
 
+def _frac(m: re.Match) -> str:
+    # r"(\1)/(\2)" without the template expansion (a Python call per match)
+    return "(" + m.group(1) + ")/(" + m.group(2) + ")"
+
+
 def _latex_to_plain(s: str) -> str:
     """LaTeX -> plain arithmetic (``s`` already lower-cased)."""
     if "\\" in s:
-        if "{" in s and any(w in s for w in _WRAP_WORDS):
+        if "{" in s and _WRAP_WORDS_RE.search(s):
             for _ in range(4):
                 s, n = _LATEX_WRAP_RE.subn(r"\1", s)
-                if not n or not any(w in s for w in _WRAP_WORDS):
+                if not n or not _WRAP_WORDS_RE.search(s):
                     break
         if "frac" in s:
             for _ in range(8):
-                s, n = _FRAC_RE.subn(r"(\1)/(\2)", s)
+                s, n = _FRAC_RE.subn(_frac, s)
                 if not n or "frac" not in s:
                     break
             if "frac" in s:
@@ -237,7 +244,15 @@ _DIGIT_SPACE_RE = re.compile(r" (?=[\d.])(?<=[\d.] )")
 _SEP = "\x1f"
 
 
-def _squash(s: str) -> str:
+# byte classes for the ASCII fast path of _squash: b"d" a number character
+# ([0-9.], what ``[\d.]`` matches in ASCII), b" " a space or newline, b"x"
+# anything else
+_SQ_CLASS = bytes(
+    ord("d") if (48 <= i <= 57 or i == 46) else 32 if i in (32, 10) else ord("x") for i in range(256)
+)
+
+
+def _squash_slow(s: str) -> str:
     if "\n" in s:
         s = s.replace("\n", " ")
     if "\t" in s or "\r" in s or "\x0b" in s or "\x0c" in s:
@@ -246,6 +261,45 @@ def _squash(s: str) -> str:
         s = s.replace("  ", " ")
     s = _DIGIT_SPACE_RE.sub(_SEP, s)
     return s.replace(" ", "")
+
+
+def _squash(s: str) -> str:
+    """Drop whitespace; a whitespace run between two number characters
+    (``[\d.]``) becomes one ``_SEP``.
+
+    Same result as :func:`_squash_slow`; ASCII text (the usual case) is done
+    on bytes: the runs to keep are found with ``bytes.find`` on a class map
+    of the text, every other space and newline is deleted by one
+    ``bytes.translate``.
+    """
+    if not s.isascii():
+        return _squash_slow(s)
+    if "\t" in s or "\r" in s or "\x0b" in s or "\x0c" in s:
+        s = " ".join(s.split())
+    b = s.encode("ascii")
+    cls = b.translate(_SQ_CLASS)
+    # a run of two or more spaces/newlines right after a number character:
+    # collapse the runs first (rare), so that every run to keep is "d d"
+    i = cls.find(b"  ")
+    while i != -1:
+        if i and cls[i - 1] == 100:  # b"d"
+            b = b.replace(b"\n", b" ")
+            while b"  " in b:
+                b = b.replace(b"  ", b" ")
+            cls = b.translate(_SQ_CLASS)
+            break
+        i = cls.find(b"  ", i + 2)
+    i = cls.find(b"d d")
+    if i != -1:
+        parts = []
+        last = 0
+        while i != -1:
+            parts.append(b[last : i + 1])
+            last = i + 2
+            i = cls.find(b"d d", i + 2)
+        parts.append(b[last:])
+        b = b"\x1f".join(parts)
+    return b.translate(None, b" \n").decode("ascii")
 
 
 @functools.lru_cache(maxsize=4096)
