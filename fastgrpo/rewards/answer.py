@@ -35,6 +35,8 @@ import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
+from ._text import sub_until_stable
+
 __all__ = [
     "answers_match",
     "extract_answer",
@@ -192,11 +194,7 @@ def normalize_answer(s: str, lower: bool = True) -> str:
             b = _last_boxed(s)
             if b is not None:
                 s = b
-        for _ in range(3):
-            s2 = _TEXT_CMD_RE.sub(r"\1", s)
-            if s2 == s:
-                break
-            s = s2
+        s = sub_until_stable(_TEXT_CMD_RE, r"\1", s, 3)
         for tok in _SPACING:
             if tok in s:
                 s = s.replace(tok, " " if tok in ("\\ ", "\\quad", "\\qquad") else "")

@@ -36,6 +36,7 @@ import unicodedata
 from fractions import Fraction
 from typing import Sequence
 
+from ._text import sub_until_stable
 from .layout import R1VL_LAYOUT, Layout, parse
 
 __all__ = [
@@ -466,12 +467,7 @@ def _number_forms(tok: str) -> list[str]:
 
 
 def _to_plain(expr: str) -> str:
-    s = expr
-    for _ in range(4):
-        s2 = _UNWRAP_TEXT_RE.sub(r"\1", s)
-        if s2 == s:
-            break
-        s = s2
+    s = sub_until_stable(_UNWRAP_TEXT_RE, r"\1", expr, 4)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
     def frac(m: re.Match) -> str:
@@ -480,16 +476,8 @@ def _to_plain(expr: str) -> str:
         b = b if re.fullmatch(r"[\w.]+", b) else f"({b})"
         return f"{a}/{b}"
 
-    for _ in range(6):
-        s2 = _FRAC_RE.sub(frac, s)
-        if s2 == s:
-            break
-        s = s2
-    for _ in range(4):
-        s2 = _SQRT_RE.sub(r"sqrt(\1)", s)
-        if s2 == s:
-            break
-        s = s2
+    s = sub_until_stable(_FRAC_RE, frac, s, 6)
+    s = sub_until_stable(_SQRT_RE, r"sqrt(\1)", s, 4)
     for a, b in (
         ("\\cdot", "*"),
         ("\\times", "*"),
