@@ -228,10 +228,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {len(train)} train and {len(evals)} eval rows to {args.out}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ----------------------------------------------------------------------------- scoring
 
 _FINAL = "### the final answer is:"
@@ -256,3 +252,7 @@ def answer_correct(text: str, answer: str) -> bool:
         return float(got.replace(",", "")) == float(str(answer).replace(",", ""))
     except ValueError:
         return got.strip().lower() == str(answer).strip().lower()
+
+
+if __name__ == "__main__":
+    main()
