@@ -328,6 +328,15 @@ def wrap_model(model: torch.nn.Module, device=None, *, strategy: str = "auto",
         for layer in _decoder_layers(model):
             fully_shard(layer, **kw)
         fully_shard(policy, **kw)
+        # one forward through the root now (every rank, token id 0): FSDP2 initialises lazily
+        # at the first forward, and generation later calls the inner layers directly, which
+        # would otherwise each initialise as a root of their own.  The root keeps its
+        # parameters unsharded after a forward: reshard, so that ``policy.parameters()`` (the
+        # optimizer's) are the sharded ones again
+        with torch.no_grad():
+            one = torch.zeros(1, 1, dtype=torch.long, device=device)
+            policy(one, one)
+        policy.reshard()
         return policy
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None

@@ -501,9 +501,6 @@ def _run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> dict:
     # sharded modules must stay in step across ranks)
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
     evaluator = main or fsdp
-    if fsdp:  # one forward through the FSDP2 root first: generation calls the inner layers
-        with torch.no_grad():  # directly, which would otherwise each become their own root
-            policy(torch.tensor([[pad_id]], device=device), torch.zeros(1, 1, dtype=torch.long, device=device))
 
     if before is None:
         with dist_.gather_for_generation(policy):
