@@ -181,16 +181,14 @@ def step_rar_reward(
             out.append(None)
             continue
         parsed = parse(completion_text(completions[i]), layout)
-        k = key_step_fraction(parsed.step_text, ks, soft=soft) if (ks is not None and parsed.steps) else 0.0
         pred = final_answer(parsed)
+        if pred is None and form == "paper":  # no answer: 0, whatever the steps
+            out.append(0.0)
+            continue
+        k = key_step_fraction(parsed.step_text, ks, soft=soft) if (ks is not None and parsed.steps) else 0.0
         correct = pred is not None and answers_match(pred, str(ref), backend=backend)
         if form == "paper":
-            if pred is None:
-                r = 0.0
-            elif correct:
-                r = 1.0 + alpha * k
-            else:
-                r = alpha * k
+            r = 1.0 + alpha * k if correct else alpha * k
         else:
             r = (1.0 if correct else 0.0) + alpha * k
         out.append(r)
