@@ -205,6 +205,61 @@ def test_custom_layout():
     assert rar(text, "6", KEY_STEPS[:2], layout=layout) == pytest.approx(1.1)
 
 
+# a layout of R1-VL's kind with another anchor, a step number that may be
+# missing (such a header is left to the general path) and no description
+_HASH2_LAYOUT = R.Layout(
+    name="hash2",
+    rationales=r"##[ \t]*Plan:",
+    step=r"##[ \t]*Step[ \t]*(\d*):",
+    answer=r"##[ \t]*Answer:?",
+    terminator=r"##",
+    anchor="##",
+)
+
+
+@pytest.mark.parametrize("layout", [R.R1VL_LAYOUT, R.R1VL_MULTIMODAL_LAYOUT, _HASH2_LAYOUT], ids=lambda l: l.name)
+def test_parse_one_scan_equals_general(layout):
+    # layouts of R1-VL's kind are parsed by one regex scan (_parse_sections);
+    # it must give exactly what the general header-by-header parser gives, on
+    # random mixes of headers, near-headers, overlapping anchors and text
+    import random
+
+    from fastgrpo.rewards import layout as L
+
+    c = layout.compiled()
+    assert c.sections is not None  # the fast path is taken
+    tokens = [
+        "### Step 1:", "### Step 2:", "###Step 3 :", "### step 10:", "### Step :", "### Rationales:",
+        "### Image Description:", "### The final answer is:", "### The final answer is 7", "###", "####",
+        "## Step 1:", "## Step :", "## Plan:", "## Answer:", "##", "#", "# ", "\n", " ", "  ", "\t",
+        "text", "12 / 2 = 6", "Step 1:", "é", "###  Step 4:", "###\nStep 5:",
+    ]
+    rng = random.Random(0)
+    used_fallback = 0
+    for _ in range(4000):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 25)))
+        general = L._parse_general(text, layout, c)
+        fast = L._parse_sections(text, c.sections, layout.anchor)
+        used_fallback += fast is None
+        assert fast in (None, general), repr(text)
+        assert R.parse(text, layout) == general, repr(text)
+    # only the layout whose step number may be missing leaves texts to the general path
+    assert (used_fallback > 0) == (layout is _HASH2_LAYOUT)
+
+
+def test_parse_one_scan_only_for_its_kind_of_layout():
+    assert R.TAG_LAYOUT.compiled().sections is None  # no anchor
+    # a header with an alternative, or a terminator other than the anchor
+    alt = R.Layout(name="alt", step=r"###\s*(?:Step|Part)\s*(\d+):", answer=r"### Answer", terminator="###", anchor="###")
+    assert alt.compiled().sections is None
+    other_term = R.Layout(name="t", step=r"###\s*Step\s*(\d+):", answer=r"### Answer", terminator="###|---", anchor="###")
+    assert other_term.compiled().sections is None
+    text = "### Part 1: a\n### Step 2: b\n--- c\n### Answer 3"
+    assert R.parse(text, alt).steps == ((1, "a"), (2, "b\n--- c"))
+    # (headers and terminators are tried only where the anchor occurs)
+    assert R.parse(text, other_term).steps == ((2, "b\n--- c"),)
+
+
 # ---------------------------------------------------------------------------
 # StepRAR
 

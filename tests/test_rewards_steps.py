@@ -83,10 +83,32 @@ def test_normalize_math_keeps_differences(a, b):
         ("y = 2.5", [["y=2"]], True, 0.0),
         ("y = 2.", [["y=2"]], True, 1.0),  # a full stop is no decimal point
         ("sum is 6", [["6"]], True, 1.0),
+        # spaces inside braces and parentheses: the parentheses around a single
+        # number still go, in the step text as in the key step
+        ("so $\\frac{ 12 }{ 2 } = 6$.", [["12/2=6"]], True, 1.0),
+        ("so $\\left( 12 \\right) / 2 = 6$", [["12 / 2 = 6"]], True, 1.0),
+        ("so $\\frac{ 12 }{ 2 } = 6$.", [["\\frac{ 12 }{ 2 } = 6"]], True, 1.0),
     ],
 )
 def test_key_step_fraction(text, groups, soft, expected):
     assert R.key_step_fraction(text, groups, soft=soft) == pytest.approx(expected)
+
+
+def test_soft_text_matches_itself():
+    # the step text and the key steps go through the same soft_form, so any
+    # text is found in itself (once something is left of it); random mixes of
+    # LaTeX, numbers, brackets and whitespace
+    import random
+
+    tokens = [
+        "\\frac{", "}{", "}", "{ ", " }", "( ", " )", "(", ")", "\\left(", "\\right)", "\\sqrt{", "12", "2",
+        "6.0", ".5", "1,000", " ", "  ", "\n", "=", " = ", "/", "\\times", "x", "ab", "$", "**", "-", "\\text{cm}",
+    ]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 12)))
+        expected = [bool(R.soft_form(text))]
+        assert R.matched_groups(text, [[text]]) == expected, repr(text)
 
 
 def test_matched_groups_and_coercion():

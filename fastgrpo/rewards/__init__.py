@@ -44,7 +44,7 @@ from .rewardset import (
     function_name,
     load_reward_function,
 )
-from .steps import coerce_key_steps, extract_key_steps, key_step_fraction, matched_groups, normalize_math, surface_forms
+from .steps import coerce_key_steps, extract_key_steps, key_step_fraction, matched_groups, normalize_math, soft_form, surface_forms
 
 
 def clear_caches() -> None:
@@ -92,6 +92,7 @@ __all__ = [
     "matched_groups",
     "normalize_answer",
     "normalize_math",
+    "soft_form",
     "parse",
     "parse_number",
     "set_backend",

@@ -2,8 +2,10 @@
 
 Soft matching
 -------------
-:func:`normalize_math` maps the step text and every key-step alternative to a
-canonical surface form before the substring test:
+:func:`soft_form` maps the step text and every key-step alternative -- both
+through the same function, so a text always matches itself -- to a
+canonical surface form before the substring test (:func:`normalize_math` is
+its readable variant: the same rules, single spaces kept between words):
 
 * Unicode NFKC, lower case, whitespace collapsed, no spaces around operators
   and punctuation (``= + - * / ^ < > ( ) % , :``);
@@ -13,12 +15,15 @@ canonical surface form before the substring test:
   ``\\le``/``≤`` -> ``<=`` (likewise ``≥``, ``≠``), ``^{\\circ}`` -> ``°``,
   ``\\text{..}``/``\\mathrm{..}``/``\\boxed{..}`` unwrapped, other braces become
   parentheses, parentheses around a single number or letter dropped
-  (``(12)/(2)`` -> ``12/2``, but ``2(3)`` and ``f(x)`` are kept);
+  (``(12)/(2)`` and ``( 12 )/(2)`` -> ``12/2``, but ``2(3)`` and ``f(x)``
+  are kept);
 * number formats: thousands separators dropped (``1,000`` -> ``1000``),
   trailing decimal zeros dropped (``6.0`` -> ``6``, ``2.50`` -> ``2.5``),
   ``.5`` -> ``0.5``; markdown ``**`` dropped.
 
 so ``\\frac{12}{2}=6``, ``12/2 = 6`` and ``12 / 2 = 6.0`` all become ``12/2=6``.
+:func:`soft_form` then drops all whitespace, except that a run between two
+number characters becomes a separator (``1 2`` is not ``12``).
 Soft matching also refuses a match that cuts through a number: the key step
 ``x=6`` is not found in ``x=63`` (the published substring test finds it).
 
@@ -42,6 +47,7 @@ from .layout import R1VL_LAYOUT, Layout, parse
 
 __all__ = [
     "normalize_math",
+    "soft_form",
     "key_step_fraction",
     "matched_groups",
     "coerce_key_steps",
@@ -149,9 +155,9 @@ _STARS_RE = re.compile(r"\*\*")
 _NESTED_RE = re.compile(r"\(\(")
 # "(12)" / "(x)" not preceded by a letter, digit, "_", "." or ")" ("2(3)" and
 # "f(x)" are kept); the lookbehind sits after the literal "(" so that the
-# engine still scans for "(" first
-_ATOM_PAREN_RE = re.compile(r"\((?<![a-z0-9_.)]\()(-?\d+(?:\.\d+)?|[a-z])\)")
-_SQRT_PAREN_RE = re.compile(r"sqrt\((\d+(?:\.\d+)?|[a-z])\)")
+# engine still scans for "(" first; spaces inside are allowed ("( 12 )")
+_ATOM_PAREN_RE = re.compile(r"\((?<![a-z0-9_.)]\()\s*(-?\d+(?:\.\d+)?|[a-z])\s*\)")
+_SQRT_PAREN_RE = re.compile(r"sqrt\(\s*(\d+(?:\.\d+)?|[a-z])\s*\)")
 
 
 # ``repl`` that returns group 1, called from C (a template such as r"\1" or a
@@ -256,12 +262,10 @@ def normalize_math(s: str) -> str:
 
 
 
-# Soft matching ignores whitespace (except that two numbers separated by
-# whitespace stay apart): both sides are "squashed".  The step text (long)
-# only gets the token rules plus one cheap squash, not normalize_math's three
-# whitespace passes -- the result is the same once squashed.
-# a space between two number characters becomes a separator, so that "1 2"
-# does not turn into "12" (the pattern starts with a literal: fast scan)
+# Soft matching ignores whitespace, except that two numbers separated by
+# whitespace stay apart: a space between two number characters becomes a
+# separator, so that "1 2" does not turn into "12" (the pattern starts with a
+# literal: fast scan).
 _DIGIT_SPACE_RE = re.compile(r" (?=[\d.])(?<=[\d.] )")
 _SEP = "\x1f"
 
@@ -326,14 +330,19 @@ def _squash(s: str) -> str:
     return b.translate(None, b" \n").decode("ascii")
 
 
-@functools.lru_cache(maxsize=4096)
-def _hay(step_text: str) -> str:
-    return _squash(_normalize_tokens(step_text))
+def soft_form(s: str) -> str:
+    """The form soft matching compares, for the step text and for every
+    key-step alternative alike: :func:`normalize_math`'s token rules, then
+    all whitespace removed (a run between two number characters becomes the
+    separator ``"\\x1f"``).  One function for both sides, so a text always
+    matches itself."""
+    return _squash(_normalize_tokens(s))
 
 
-@functools.lru_cache(maxsize=65536)
-def _needle(alt: str) -> str:
-    return _squash(normalize_math(alt))
+# the step texts (long, one per completion) and the alternatives (short, the
+# same for the G completions of a prompt) are memoised apart
+_hay = functools.lru_cache(maxsize=4096)(soft_form)
+_needle = functools.lru_cache(maxsize=65536)(soft_form)
 
 
 def _soft_contains(hay: str, needle: str) -> bool:
