@@ -86,8 +86,7 @@ _SQRT_RE = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
 _NROOT_RE = re.compile(r"\\sqrt\s*\[([^\[\]]*)\]\s*\{([^{}]*)\}")
 _CMD_NAME_RE = re.compile(r"\\([a-z]+)")
 _FRAC_NAMES = ("frac", "dfrac", "tfrac")
-# a command starting with one of these may be a wrapper (\text{..}, \mathrm{..}, ...)
-_WRAP_PREFIXES = ("text", "math", "boxed", "operatorname", "mbox")
+# a command that may be a wrapper (\text{..}, \mathrm{..}, ...)
 _WRAP_WORDS_RE = re.compile(r"\\(?:text|math|boxed|operatorname|mbox)")
 # every remaining backslash command, handled by one callback
 _CMD_RE = re.compile(r"\\([a-z]+|.)", re.S)
@@ -183,7 +182,7 @@ def _latex_to_plain(s: str) -> str:
         # the names of all \commands, from one scan: the gates below test this
         # list instead of scanning the text for "frac", "sqrt", ... each time
         names = _CMD_NAME_RE.findall(s)
-        if "{" in s and any(w.startswith(_WRAP_PREFIXES) for w in names):
+        if "{" in s and _WRAP_WORDS_RE.search(s):
             for _ in range(4):
                 s, n = _LATEX_WRAP_RE.subn(r"\1", s)
                 if not n or not _WRAP_WORDS_RE.search(s):
@@ -280,10 +279,8 @@ _SQ_CLASS = bytes(
     else ord("x")
     for i in range(256)
 )
-# on the class map: a run of two or more spaces/newlines after a number
-# character; a single space between two number characters (the run to keep)
-_SQ_LONG_RUN_RE = re.compile(rb"d  ")
-_SQ_KEEP_RE = re.compile(rb"d (?=d)")
+# on the class map: a run of spaces/newlines between two number characters
+_SQ_KEEP_RE = re.compile(rb"d +(?=d)")
 
 
 def _squash_slow(s: str) -> str:
@@ -302,9 +299,9 @@ def _squash(s: str) -> str:
     (``[\d.]``) becomes one ``_SEP``.
 
     Same result as :func:`_squash_slow`; ASCII text (the usual case) is done
-    on bytes: the runs to keep are found by regex scans of a class map of the
-    text (each scan starts with a literal, so it is a fast search), every
-    other space and newline is deleted by one ``bytes.translate``.
+    on bytes: the runs to keep are found by one regex scan of a class map of
+    the text (it starts with a literal, so it is a fast search), every other
+    space and newline is deleted by one ``bytes.translate``.
     """
     if not s.isascii():
         return _squash_slow(s)
@@ -313,17 +310,11 @@ def _squash(s: str) -> str:
     if b"w" in cls:  # rare: other whitespace, every run becomes one space
         b = " ".join(s.split()).encode("ascii")
         cls = b.translate(_SQ_CLASS)
-    elif _SQ_LONG_RUN_RE.search(cls):  # rare: collapse runs, so every run to keep is "d d"
-        b = b.replace(b"\n", b" ")
-        while b"  " in b:
-            b = b.replace(b"  ", b" ")
-        cls = b.translate(_SQ_CLASS)
     parts = []
     last = 0
     for m in _SQ_KEEP_RE.finditer(cls):
-        i = m.start()
-        parts.append(b[last : i + 1])
-        last = i + 2
+        parts.append(b[last : m.start() + 1])
+        last = m.end()
     if parts:
         parts.append(b[last:])
         b = b"\x1f".join(parts)
