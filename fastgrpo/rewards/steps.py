@@ -246,7 +246,8 @@ def _drop_atom_parens(s: str) -> str:
 
 
 def normalize_math(s: str) -> str:
-    """Canonical surface form used by soft key-step matching (see module doc)."""
+    """Canonical surface form, readable: the rules of soft matching with single
+    spaces kept between words (matching itself compares :func:`soft_form`)."""
     if not s:
         return ""
     s = _normalize_tokens(s)
