@@ -294,7 +294,10 @@ def parse(completion: str, layout: Layout = R1VL_LAYOUT) -> ParsedSolution:
     return _parse_cached(completion, layout)
 
 
-@functools.lru_cache(maxsize=4096)
+# room for a whole batch, so that the reward functions of a RewardSet parse
+# each completion once (at 16k completions of ~2 KB this cache and the
+# step-text cache in steps.py hold ~50 MB: 31.5 MiB measured for 10k)
+@functools.lru_cache(maxsize=16384)
 def _parse_cached(text: str, layout: Layout) -> ParsedSolution:
     if not text:
         return ParsedSolution()

@@ -331,9 +331,10 @@ def soft_form(s: str) -> str:
     return _squash(_normalize_tokens(s))
 
 
-# the step texts (long, one per completion) and the alternatives (short, the
-# same for the G completions of a prompt) are memoised apart
-_hay = functools.lru_cache(maxsize=4096)(soft_form)
+# the step texts (long, one per completion: room for a batch of 16k, as the
+# parse cache) and the alternatives (short, the same for the G completions
+# of a prompt) are memoised apart
+_hay = functools.lru_cache(maxsize=16384)(soft_form)
 _needle = functools.lru_cache(maxsize=65536)(soft_form)
 
 
