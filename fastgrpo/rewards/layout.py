@@ -309,6 +309,18 @@ def _parse_cached(text: str, layout: Layout) -> ParsedSolution:
     return _parse_general(text, layout, c)
 
 
+def _solution(description, rationales, steps, answer, order, step_pos, answer_pos) -> ParsedSolution:
+    return ParsedSolution(
+        description=description,
+        rationales=rationales,
+        steps=tuple(steps),
+        answer=answer,
+        section_order=tuple(order),
+        step_positions=tuple(step_pos),
+        answer_position=answer_pos,
+    )
+
+
 def _parse_sections(text: str, sections: re.Pattern, anchor: str) -> ParsedSolution | None:
     """The one-scan parse (see :func:`_sections_pattern`); the same result as
     :func:`_parse_general`, with a third of its Python work per header.
@@ -347,15 +359,7 @@ def _parse_sections(text: str, sections: re.Pattern, anchor: str) -> ParsedSolut
             pos += 1 + len(r) + len(body)
         else:  # a terminator
             pos += 1 + len(other)
-    return ParsedSolution(
-        description=description,
-        rationales=rationales,
-        steps=tuple(steps),
-        answer=answer,
-        section_order=tuple(order),
-        step_positions=tuple(step_pos),
-        answer_position=answer_pos,
-    )
+    return _solution(description, rationales, steps, answer, order, step_pos, answer_pos)
 
 
 def _parse_general(text: str, layout: Layout, c: _Compiled) -> ParsedSolution:
@@ -441,15 +445,7 @@ def _parse_general(text: str, layout: Layout, c: _Compiled) -> ParsedSolution:
         elif kind == "rationales":
             if rationales is None:
                 rationales = body
-    return ParsedSolution(
-        description=description,
-        rationales=rationales,
-        steps=tuple(steps),
-        answer=answer,
-        section_order=tuple(order),
-        step_positions=tuple(step_pos),
-        answer_position=answer_pos,
-    )
+    return _solution(description, rationales, steps, answer, order, step_pos, answer_pos)
 
 
 def clear_cache() -> None:
