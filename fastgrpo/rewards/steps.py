@@ -561,8 +561,12 @@ def _equations_in(text: str) -> list[str]:
     t = text.replace("$", " ").replace("\\(", " ").replace("\\)", " ").replace("\\[", " ").replace("\\]", " ")
     t = _UNWRAP_TEXT_RE.sub(r" \1 ", t)
     out = []
-    for m in _MATH_RUN_RE.finditer(t):
-        run = _clean_expr(m.group(0))
+    for run in _MATH_RUN_RE.findall(t):
+        # most runs are the spaces between words: only runs with a relation
+        # are cleaned (cleaning only strips characters, it adds none)
+        if "=" not in run and "≈" not in run and "\\approx" not in run:
+            continue
+        run = _clean_expr(run)
         if not run or ("=" not in run and "≈" not in run and "\\approx" not in run):
             continue
         sides = [x.strip() for x in re.split(r"=|≈|\\approx", run)]
