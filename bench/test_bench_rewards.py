@@ -2,7 +2,9 @@
 
 Target (issue "Rewards"): well under a second per reward on one core.  Nothing
 here asserts a time; pytest-benchmark reports it.  Caches are cleared before
-every round so that each round parses every completion afresh.
+every round so that each round parses every completion afresh.  The key steps
+differ from completion to completion (the worst case for the key-step cache),
+except in the ``groups_of_8`` benchmark, which has GRPO's shape.
 
     python -m pytest bench/test_bench_rewards.py -q
 """
@@ -26,10 +28,18 @@ def _sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."
 
 
-def _make_sample(i: int):
-    """One deterministic completion (~500 tokens, ~2,000 characters), its answer and key steps."""
+def _make_sample(i: int, problem: int | None = None):
+    """One deterministic completion (~500 tokens, ~2,000 characters), its answer and key steps.
+
+    ``problem`` (default ``i``) picks the numbers of the problem: completions
+    with the same ``problem`` share the answer and the key steps, as the G
+    completions of one prompt do in GRPO.
+    """
     rng = random.Random(i)
     a, b = rng.randint(2, 99), rng.randint(2, 99)
+    if problem is not None:
+        prng = random.Random(-1 - problem)
+        a, b = prng.randint(2, 99), prng.randint(2, 99)
     prod = a * b
     half = prod / 2
     steps = [
@@ -60,9 +70,7 @@ def _make_sample(i: int):
     return text, f"{half:g}", key_steps
 
 
-@pytest.fixture(scope="module")
-def batch():
-    data = [_make_sample(i) for i in range(N)]
+def _batch(data):
     completions = [d[0] for d in data]
     answers = [d[1] for d in data]
     key_steps = [d[2] for d in data]
@@ -70,6 +78,18 @@ def batch():
     # ~4 characters per token -> ~500 tokens per completion
     assert 400 < chars / N / 4 < 700, chars / N / 4
     return completions, answers, key_steps
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Every completion its own problem: no key step is shared (the worst case)."""
+    return _batch([_make_sample(i) for i in range(N)])
+
+
+@pytest.fixture(scope="module")
+def grouped_batch():
+    """GRPO's shape: 1,250 prompts x 8 completions sharing answer and key steps."""
+    return _batch([_make_sample(i, problem=i // 8) for i in range(N)])
 
 
 def _run(benchmark, fn):
@@ -84,6 +104,12 @@ def test_bench_accuracy(benchmark, batch):
 
 def test_bench_step_rar_soft(benchmark, batch):
     comps, answers, ks = batch
+    out = _run(benchmark, lambda: R.step_rar_reward(None, comps, answers, ks))
+    assert len(out) == N and max(out) == pytest.approx(1 + 0.1 * 2 / 3)
+
+
+def test_bench_step_rar_soft_groups_of_8(benchmark, grouped_batch):
+    comps, answers, ks = grouped_batch
     out = _run(benchmark, lambda: R.step_rar_reward(None, comps, answers, ks))
     assert len(out) == N and max(out) == pytest.approx(1 + 0.1 * 2 / 3)
 
