@@ -301,8 +301,8 @@ def _squash(s: str) -> str:
 
     Same result as :func:`_squash_slow`; ASCII text (the usual case) is done
     on bytes: the runs to keep are found by one regex scan of a class map of
-    the text (it starts with a literal, so it is a fast search), every other
-    space and newline is deleted by one ``bytes.translate``.
+    the text, every other space and newline is deleted by one
+    ``bytes.translate``.
     """
     if not s.isascii():
         return _squash_slow(s)
