@@ -273,13 +273,18 @@ def step_rvr_reward(
 # factories
 
 
+def _named(fn, name: str, like):
+    """``fn`` under ``name`` (TRL logs ``__name__``) with ``like``'s docstring."""
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = like.__doc__
+    return fn
+
+
 def make_accuracy_reward(*, layout: Layout = R1VL_LAYOUT, backend: str | None = None, name: str = "accuracy"):
     def accuracy(prompts, completions, answer=None, **kwargs):
         return accuracy_reward(prompts, completions, answer, layout=layout, backend=backend, **kwargs)
 
-    accuracy.__name__ = accuracy.__qualname__ = name
-    accuracy.__doc__ = accuracy_reward.__doc__
-    return accuracy
+    return _named(accuracy, name, accuracy_reward)
 
 
 def make_step_rar_reward(
@@ -298,24 +303,18 @@ def make_step_rar_reward(
             prompts, completions, answer, key_steps, alpha=alpha, form=form, soft=soft, layout=layout, backend=backend, **kwargs
         )
 
-    step_rar.__name__ = step_rar.__qualname__ = name
-    step_rar.__doc__ = step_rar_reward.__doc__
-    return step_rar
+    return _named(step_rar, name, step_rar_reward)
 
 
 def make_step_rvr_reward(*, layout: Layout = R1VL_LAYOUT, name: str = "step_rvr"):
     def step_rvr(prompts, completions, **kwargs):
         return step_rvr_reward(prompts, completions, layout=layout, **kwargs)
 
-    step_rvr.__name__ = step_rvr.__qualname__ = name
-    step_rvr.__doc__ = step_rvr_reward.__doc__
-    return step_rvr
+    return _named(step_rvr, name, step_rvr_reward)
 
 
 def make_step_k(*, soft: bool = True, layout: Layout = R1VL_LAYOUT, name: str = "step_k"):
     def _step_k(prompts, completions, key_steps=None, **kwargs):
         return step_k(prompts, completions, key_steps, soft=soft, layout=layout, **kwargs)
 
-    _step_k.__name__ = _step_k.__qualname__ = name
-    _step_k.__doc__ = step_k.__doc__
-    return _step_k
+    return _named(_step_k, name, step_k)
