@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 from conftest import make_inputs  # noqa: E402
 
 from fastgrpo import fused_logprobs, grpo_loss  # noqa: E402
-from fastgrpo.logprobs import naive_logprobs  # noqa: E402
+from fastgrpo.ops.logprobs import naive_logprobs  # noqa: E402
 
 
 def rel_err(a, b):

@@ -4,7 +4,7 @@ Model: a tiny Llama backbone (hidden 64, 2 layers) with V = 131072 (untied lm_he
 packed micro-batch of a few hundred tokens (``FASTGRPO_BENCH_STEP="TOKENS,V,D"`` overrides).
 A step is: backbone forward -> loss -> backward -> clip -> AdamW step.
 
-* ``fused``: the trainer's own ``fastgrpo.train.optimize`` (hidden states -> ``grpo_loss``).
+* ``fused``: the trainer's own ``fastgrpo.trainer.learn.optimize`` (hidden states -> ``grpo_loss``).
 * ``naive``: ``model(...).logits`` -> ``log_softmax`` -> gather -> the same objective
   (clipped ratio, k3 KL, grpo normalisation) written out in PyTorch.
 
@@ -38,10 +38,10 @@ def _shape():
 
 
 def _setup(device="cpu"):
-    from fastgrpo.config import TrainConfig
-    from fastgrpo.modeling import build_tiny_model
-    from fastgrpo.packing import pack_sequences
-    from fastgrpo.train import batch_logprobs
+    from fastgrpo.trainer.config import TrainConfig
+    from fastgrpo.tasks.tiny_model import build_tiny_model
+    from fastgrpo.trainer.packing import pack_sequences
+    from fastgrpo.trainer.learn import batch_logprobs
 
     n, v, d = _shape()
     model = build_tiny_model(vocab_size=v, hidden_size=d, num_layers=2, num_heads=4,
@@ -95,7 +95,7 @@ def _naive_step(model, opt, batches, cfg):
 
 
 def _fused_step(model, opt, batches, cfg):
-    from fastgrpo.train import optimize
+    from fastgrpo.trainer.learn import optimize
     return optimize(model, opt, batches, cfg)["loss"]
 
 

@@ -1,8 +1,12 @@
-"""fastgrpo: memory-lean StepGRPO training with fused log-prob / GRPO-loss kernels."""
+"""fastgrpo: memory-lean StepGRPO training with fused log-prob / GRPO-loss kernels.
 
-from fastgrpo.advantages import group_advantages, process_advantages
-from fastgrpo.logprobs import fused_logprobs
-from fastgrpo.loss import FusedGRPOLoss, grpo_loss
+Layers: ``fastgrpo.ops`` (the fused loss; what other codebases import), ``fastgrpo.rewards``,
+``fastgrpo.trainer`` (``python -m fastgrpo.train``), ``fastgrpo.tasks`` (built-in tasks and
+their data), ``fastgrpo.integrations`` (TRL, verl, OpenRLHF) and ``fastgrpo.hf`` (the Hugging
+Face model helpers they share).
+"""
+
+from fastgrpo.ops import FusedGRPOLoss, fused_logprobs, group_advantages, grpo_loss, process_advantages
 
 __all__ = ["fused_logprobs", "grpo_loss", "FusedGRPOLoss", "group_advantages",
            "process_advantages"]

@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from fastgrpo import attention as A
+from fastgrpo.hf import packed_attention_kwargs
+from fastgrpo.trainer import attention as A
 from fastgrpo import fused_logprobs
 
 
@@ -49,12 +50,12 @@ def test_real_import_guards():
 
 def test_packed_kwargs():
     cu = torch.tensor([0, 3, 7, 8], dtype=torch.int32)
-    assert A.packed_attention_kwargs("sdpa", cu, 4) == {}
-    assert A.packed_attention_kwargs("eager", cu) == {}
-    kw = A.packed_attention_kwargs("flash_attention_2", cu.long())
+    assert packed_attention_kwargs("sdpa", cu, 4) == {}
+    assert packed_attention_kwargs("eager", cu) == {}
+    kw = packed_attention_kwargs("flash_attention_2", cu.long())
     assert kw["max_length_q"] == kw["max_length_k"] == 4
     assert kw["cu_seq_lens_q"].dtype == torch.int32 and kw["cu_seq_lens_k"].tolist() == [0, 3, 7, 8]
-    assert A.packed_attention_kwargs("xformers", cu, 4)["max_length_k"] == 4
+    assert packed_attention_kwargs("xformers", cu, 4)["max_length_k"] == 4
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -99,7 +100,7 @@ def test_packed_logprobs_equal_per_sequence(backend):
     seqs, ids, pos, cu, tgt = _packed()
     model = _model(backend)
     A.apply_attention(model, backend)
-    packed = _logp(model, ids, pos, tgt, **A.packed_attention_kwargs(backend, cu))
+    packed = _logp(model, ids, pos, tgt, **packed_attention_kwargs(backend, cu))
     ref = _per_sequence(_model("eager"), seqs)
     torch.testing.assert_close(packed, ref, atol=1e-5, rtol=1e-5)
     # the trap: an attention mask lets sequences see each other
@@ -151,7 +152,7 @@ def test_xformers_path_packed_equals_per_sequence(fake_xformers):
     model = _model("sdpa")
     A.apply_attention(model, A.register_xformers())
     assert model.config._attn_implementation == "xformers"
-    packed = _logp(model, ids, pos, tgt, **A.packed_attention_kwargs("xformers", cu))
+    packed = _logp(model, ids, pos, tgt, **packed_attention_kwargs("xformers", cu))
     assert fake_xformers and fake_xformers[-1] == [5, 9, 1, 7]      # block-diagonal bias used
     ref = _per_sequence(_model("eager"), seqs)
     torch.testing.assert_close(packed, ref, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastgrpo.checkpoint import (
+from fastgrpo.trainer.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
@@ -190,7 +190,7 @@ TRAIN_SCRIPT = textwrap.dedent('''
     import json, os, random, signal, sys
     import numpy as np
     import torch
-    from fastgrpo import checkpoint as ck
+    from fastgrpo.trainer import checkpoint as ck
 
     run_dir, steps = sys.argv[1], int(sys.argv[2])
     kill_at = int(sys.argv[3])          # -1: never

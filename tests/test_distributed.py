@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastgrpo.distributed import balance_microbatches, groups_for_rank, loss_scale, pack_bins, split_groups_across_ranks
+from fastgrpo.trainer.distributed import groups_for_rank, loss_scale
+from fastgrpo.trainer.packing import balance_microbatches, pack_bins
+from fastgrpo.trainer.sample import Sample
 
 NUM_GROUPS, G, BUDGET, VOCAB = 5, 2, 40, 48
 
@@ -18,15 +20,19 @@ NUM_GROUPS, G, BUDGET, VOCAB = 5, 2, 40, 48
 # ----------------------------------------------------------------------------- pure functions
 
 
-def test_split_groups_whole_and_complete():
+def _samples(prompts, comps, adv):
+    return [Sample(p, c, group=i, row=i, advantage=a) for i, (p, c, a) in enumerate(zip(prompts, comps, adv))]
+
+
+def _completions_of(groups):
+    return [g * G + j for g in groups for j in range(G)]
+
+
+def test_groups_for_rank_whole_and_complete():
     for n, w in [(5, 2), (4, 4), (3, 4), (16, 3)]:
-        parts = [split_groups_across_ranks(n, G, r, w) for r in range(w)]
-        assert sorted(i for p in parts for i in p) == list(range(n * G))
-        for p in parts:
-            assert len(p) % G == 0
-            for k in range(0, len(p), G):
-                assert p[k:k + G] == list(range(p[k], p[k] + G))
-        sizes = [len(groups_for_rank(n, r, w)) for r in range(w)]
+        parts = [groups_for_rank(n, r, w) for r in range(w)]
+        assert [g for p in parts for g in p] == list(range(n))     # contiguous, in rank order
+        sizes = [len(p) for p in parts]
         assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
         groups_for_rank(4, 2, 2)
@@ -49,7 +55,7 @@ def test_balance_microbatches():
     assert balance_microbatches([5], 100, 3) == [[[0]], [[]], [[]]]
     assert balance_microbatches([], 100, 2) == [[], []]
     assert loss_scale(4) == 4.0 and loss_scale(1) == 1.0
-    mbs = pack_bins([[], [2, 0]], [[1, 2], [3], [4, 5, 6]], [[7], [8, 9], [10]], [0.5, 1.0, -1.0])
+    mbs = pack_bins([[], [2, 0]], _samples([[1, 2], [3], [4, 5, 6]], [[7], [8, 9], [10]], [0.5, 1.0, -1.0]))
     assert mbs[0].num_sequences == 0 and mbs[0].num_loss_tokens == 0
     assert sorted(mbs[1].seq_index.tolist()) == [0, 2] and mbs[1].num_loss_tokens == 2
 
@@ -94,15 +100,17 @@ def _worker(rank, world, port, strategy):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from fastgrpo import distributed as D
-    from fastgrpo.modeling import build_tiny_model
+    from fastgrpo.hf import unwrap_model
+    from fastgrpo.tasks.tiny_model import build_tiny_model
+    from fastgrpo.trainer import distributed as D
+    from fastgrpo.trainer import policy as P
 
     info = D.init_distributed(device="cpu", timeout_s=60)
     assert (info.rank, info.world_size, info.backend) == (rank, world, "gloo")
     try:
         prompts, comps, adv = _data()
         # rollouts: this rank "generates" whole groups; gather them back in rank order
-        mine = D.split_groups_across_ranks(NUM_GROUPS, G, rank, world)
+        mine = _completions_of(D.groups_for_rank(NUM_GROUPS, rank, world))
         gathered = D.all_gather_objects([(prompts[i], comps[i], adv[i]) for i in mine])
         rows = [r for part in gathered for r in part]
         assert rows == list(zip(prompts, comps, adv))
@@ -113,26 +121,26 @@ def _worker(rank, world, port, strategy):
                                     seed=0, tie_word_embeddings=(loss_type == "grpo"))
             ref_model = copy.deepcopy(base)
             # --- reference: one process, the whole batch
-            ref_batches = D.pack_bins(balance_microbatches(lengths, BUDGET, 1)[0], prompts, comps, adv)
+            ref_batches = pack_bins(balance_microbatches(lengths, BUDGET, 1)[0], _samples(prompts, comps, adv))
             n_seq = sum(mb.num_sequences for mb in ref_batches)
             n_tok = sum(mb.num_loss_tokens for mb in ref_batches)
-            ref_policy = D.PolicyHiddenStates(ref_model)
+            ref_policy = P.PolicyHiddenStates(ref_model)
             ref_params = list(ref_model.parameters())
             ref_grads = _step(lambda mb: ref_policy(mb.input_ids, mb.position_ids), ref_params,
                               ref_batches, loss_type, _num_items(loss_type, n_seq, n_tok), 1.0)
             # --- this rank's share, length-balanced, with global normalizers
             plan = balance_microbatches(lengths, BUDGET, world)
-            batches = D.pack_bins(plan[rank], prompts, comps, adv)
+            batches = pack_bins(plan[rank], _samples(prompts, comps, adv))
             g_seq = D.global_sum(sum(mb.num_sequences for mb in batches))
             g_tok = D.global_sum(sum(mb.num_loss_tokens for mb in batches))
             assert (g_seq, g_tok) == (n_seq, n_tok)
-            policy = D.wrap_model(base, "cpu", strategy=strategy)
-            inner = D.unwrap_model(policy)
+            policy = P.wrap_model(base, "cpu", strategy=strategy)
+            inner = unwrap_model(policy)
             assert inner is base
             params = list(inner.parameters())
             grads = _step(lambda mb: policy(mb.input_ids, mb.position_ids), params, batches,
                           loss_type, _num_items(loss_type, g_seq, g_tok), D.loss_scale(world),
-                          sync=lambda last: D.sync_gradients(policy, last))
+                          sync=lambda last: P.sync_gradients(policy, last))
             for (name, _), a, b in zip(inner.named_parameters(), grads, ref_grads):
                 a = a.full_tensor() if hasattr(a, "full_tensor") else a
                 assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), \
@@ -146,12 +154,12 @@ def _worker(rank, world, port, strategy):
                 p = p.full_tensor() if hasattr(p, "full_tensor") else p
                 assert torch.allclose(p.detach(), q.detach(), atol=1e-6), (loss_type, name)
             # generation: ranks run different numbers of forwards, no collectives inside
-            with torch.no_grad(), D.gather_for_generation(policy):
+            with torch.no_grad(), P.gather_for_generation(policy):
                 ids = torch.tensor([[1, 2, 3]])
                 for _ in range(2 + 3 * rank):
                     logits = inner(input_ids=ids, use_cache=False).logits
                     ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
-                with D.gather_for_generation(ref_policy):  # single model: a no-op
+                with P.gather_for_generation(ref_policy):  # single model: a no-op
                     ref_logits = ref_model(input_ids=ids, use_cache=False).logits
                 assert torch.allclose(inner(input_ids=ids, use_cache=False).logits, ref_logits, atol=1e-5)
             D.barrier()

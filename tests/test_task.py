@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fastgrpo.task import (DataError, answer_correct, extract_final_answer, load_jsonl, make_splits,
-                           write_jsonl)
+from fastgrpo.tasks.arithmetic import answer_correct, extract_final_answer, make_splits
+from fastgrpo.tasks.data import DataError, load_jsonl, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def tok():
-    from fastgrpo.tokenizer import build_tokenizer
+    from fastgrpo.tasks.tokenizer import build_tokenizer
     return build_tokenizer()
 
 
@@ -90,7 +90,7 @@ def test_load_jsonl_roundtrip_and_errors(tmp_path, splits):
 
 
 def test_task_cli(tmp_path):
-    from fastgrpo.task import main
+    from fastgrpo.tasks.arithmetic import main
     main(["--out", str(tmp_path), "--n-train", "20", "--n-eval", "5"])
     assert len(load_jsonl(tmp_path / "train.jsonl")) == 20
     assert len(load_jsonl(tmp_path / "eval.jsonl")) == 5
@@ -99,7 +99,7 @@ def test_task_cli(tmp_path):
 def test_tokenizer_covers_task_and_roundtrips(tok, splits, tmp_path):
     from transformers import AutoTokenizer
 
-    from fastgrpo.tokenizer import encode_prompt
+    from fastgrpo.tasks.tokenizer import encode_prompt
     unk = tok.unk_token_id
     for row in splits[0][:100] + splits[1]:
         text = row["solution"] + tok.eos_token
@@ -124,7 +124,7 @@ def test_warmup_solution_skips_the_doubling_sentence():
     """Hand-worked: 2 + 6 = 8, 8 - 7 = 1, 1 * 2 = 2 (doubles) -> the slip drops step 3 and
     answers 1; a doubling in the middle carries the un-doubled value into the later steps."""
     import random
-    from fastgrpo.task import warmup_solution
+    from fastgrpo.tasks.arithmetic import warmup_solution
     row = {"solution": "### Rationales: r\n### Step 1: 2 + 6 = 8\n### Step 2: 8 - 7 = 1\n"
                        "### Step 3: 1 * 2 = 2\n### The final answer is: 2"}
     assert warmup_solution(row, random.Random(0), 1.0) == (

@@ -7,17 +7,20 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastgrpo.config import ConfigError, TrainConfig, parse_args
-from fastgrpo.loss import grpo_loss
-from fastgrpo.modeling import build_tiny_model
-from fastgrpo.packing import pack_sequences
-from fastgrpo.task import DataError, make_splits, write_jsonl
-from fastgrpo.train import _hidden_and_weight, _num_items, batch_logprobs, lr_at, main, optimize, run
+from fastgrpo.trainer.config import ConfigError, TrainConfig, parse_args
+from fastgrpo.ops.loss import grpo_loss
+from fastgrpo.tasks.tiny_model import build_tiny_model
+from fastgrpo.trainer.packing import pack_sequences
+from fastgrpo.tasks.arithmetic import make_splits
+from fastgrpo.tasks.data import DataError, write_jsonl
+from fastgrpo.trainer.learn import batch_logprobs, lr_at, num_items, optimize
+from fastgrpo.trainer.loop import main, run
+from fastgrpo.trainer.policy import policy_hidden_states
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from fastgrpo.tokenizer import build_tokenizer
+    from fastgrpo.tasks.tokenizer import build_tokenizer
     return build_tokenizer()
 
 
@@ -55,9 +58,9 @@ def test_loss_decreases_on_fixed_batch():
 
 def _grads_for(model, batches, cfg):
     model.zero_grad(set_to_none=True)
-    n = _num_items(batches, cfg)
+    n = num_items(batches, cfg)
     for mb in batches:
-        h, w = _hidden_and_weight(model, mb, cfg)
+        h, w = policy_hidden_states(model, mb, bf16=cfg.bf16)
         loss, _ = grpo_loss(h, w, mb.targets, mb.advantages, cu_seqlens=mb.cu_seqlens,
                             loss_type=cfg.loss_type, num_items_in_batch=n)
         loss.backward()
@@ -224,8 +227,8 @@ def test_new_options_in_help_and_preset_keeps_explicit_values(capsys):
     for flag in ("--save-every", "--keep-last", "--resume", "--attn-implementation", "--preset",
                  "--dp-strategy"):
         assert flag in out, flag
-    from fastgrpo.config import explicit_fields
-    from fastgrpo.presets import apply_preset
+    from fastgrpo.trainer.config import explicit_fields
+    from fastgrpo.trainer.presets import apply_preset
     cfg = parse_args(["--preset", "smollm2-135m", "--lr", "0.01", "--steps", "60"])
     assert explicit_fields(cfg) == {"preset", "lr", "steps"}
     assert explicit_fields(TrainConfig(group_size=4)) == {"group_size"}  # built in code
@@ -234,7 +237,7 @@ def test_new_options_in_help_and_preset_keeps_explicit_values(capsys):
 
 
 def test_every_option_has_help():
-    from fastgrpo.config import _build_parser
+    from fastgrpo.trainer.config import _build_parser
     for action in _build_parser()._actions:
         assert action.help, action.dest
 

@@ -31,19 +31,20 @@ ARGS = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "3", "--eval-
 RUNNER = '''
 import sys, zlib
 import torch
-import fastgrpo.train as T
-from fastgrpo.rollout import Rollout, generate
+import fastgrpo.trainer.loop as T
+from fastgrpo.trainer.rollout import Rollout, generate
 
 calls = [0]
 
 def seeded_generate(model, tokenizer, prompt_ids, **kw):
     calls[0] += bool(kw.get("do_sample", True))  # eval (greedy) runs on rank 0 only
-    out = Rollout([], [], [], [], [])
+    out = Rollout()
     for i, p in enumerate(prompt_ids):
         torch.manual_seed(zlib.crc32(repr((calls[0], p)).encode()))
         r = generate(model, tokenizer, [p], **kw)
-        out.prompt_ids += r.prompt_ids; out.completion_ids += r.completion_ids
-        out.texts += r.texts; out.truncated += r.truncated; out.prompt_index += [i] * len(r)
+        for s in r.samples:
+            s.group = s.row = i
+        out.samples += r.samples
         out.seconds += r.seconds; out.generated_tokens += r.generated_tokens
     return out
 
@@ -90,7 +91,7 @@ def test_two_processes_equal_one_process(tmp_path, strategy):
             assert abs(a[k] - b[k]) <= 1e-5 + 1e-4 * abs(a[k]), (a["step"], k, a[k], b[k])
     assert m2[0]["micro_batches"] <= m1[0]["micro_batches"]
 
-    w0 = load_file(str(REPO / "fastgrpo" / "assets" / "warmup" / "model.safetensors"))
+    w0 = load_file(str(REPO / "fastgrpo" / "tasks" / "assets" / "warmup" / "model.safetensors"))
     w1, w2 = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)

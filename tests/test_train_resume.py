@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastgrpo.checkpoint import STATE_FILE, verify_checkpoint
-from fastgrpo.train import main
+from fastgrpo.trainer.checkpoint import STATE_FILE, verify_checkpoint
+from fastgrpo.trainer.loop import main
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--steps", "4", "--save-every", "1", "--prompts-per-step", "3", "--group-size", "3",

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from fastgrpo.loss import grpo_loss
-from fastgrpo.modeling import lm_head_weight
+from fastgrpo.hf import backbone_hidden_states, lm_head_weight
+from fastgrpo.ops.loss import grpo_loss
 
 __all__ = ["policy_loss", "backbone_hidden_states", "lm_head_weight", "verl_policy_loss",
            "openrlhf_policy_loss", "VERL_LOSS_AGG_MODES"]
@@ -31,39 +31,6 @@ __all__ = ["policy_loss", "backbone_hidden_states", "lm_head_weight", "verl_poli
 VERL_LOSS_AGG_MODES = {"token-mean": ("bnpo", None), "seq-mean-token-mean": ("grpo", None),
                        "seq-mean-token-sum": ("dr_grpo", "batch"),
                        "seq-mean-token-sum-norm": ("dr_grpo", "width")}
-
-
-def _unwrap(model):
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module                      # DDP's forward only books gradient sync
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()            # PEFT: adapters live inside the layers
-    return model
-
-
-def backbone_hidden_states(model, input_ids: torch.Tensor, attention_mask=None,
-                           position_ids=None, *, via_forward: bool = False,
-                           **model_kwargs) -> torch.Tensor:
-    """Last hidden states ``[B, T, D]`` of a Hugging Face causal LM, without its lm_head.
-
-    Runs ``model.base_model`` (the decoder stack, final norm included) with
-    ``use_cache=False``; unwraps DDP and PEFT.  Padded batches: pass ``attention_mask``.
-    Packed rows: pass ``position_ids`` restarting at 0 per sequence and no
-    ``attention_mask``.  Position ``t`` predicts token ``t + 1``.
-
-    ``via_forward=True`` runs the model's own ``forward`` instead (``output_hidden_states``,
-    ``logits_to_keep=1``: the lm_head sees one position per row) so that a wrapper whose
-    forward must run (FSDP, DeepSpeed ZeRO-3 gathering the root's parameters) is honoured.
-    """
-    if via_forward:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids, use_cache=False, output_hidden_states=True,
-                    logits_to_keep=1, **model_kwargs)
-        return out.hidden_states[-1]
-    m = _unwrap(model)
-    out = m.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=False, **model_kwargs)
-    return out.last_hidden_state
 
 
 def policy_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,

@@ -66,11 +66,12 @@ except ImportError as e:  # pragma: no cover - exercised only without TRL
 
 import torch
 
-from fastgrpo.loss import grpo_loss
+from fastgrpo.hf import backbone_output, lm_head_weight, unwrap_model
+from fastgrpo.ops.loss import LOSS_TYPES, grpo_loss
 
 __all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "check_supported", "SUPPORTED_LOSS_TYPES"]
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SUPPORTED_LOSS_TYPES = LOSS_TYPES  # TRL's loss types that the fused loss implements
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
                     "image_sizes", "num_images", "image_position_ids", "mm_token_type_ids",
                     "token_type_ids")
@@ -132,8 +133,7 @@ def check_supported(args, model=None) -> None:
 
 def _inner_model(trainer):
     """The ``PreTrainedModel`` whose ``forward`` TRL patched (the PEFT base model if any)."""
-    m = trainer.model
-    return m.get_base_model() if hasattr(m, "get_base_model") else m
+    return unwrap_model(trainer.model)
 
 
 def _install_backbone_forward(model) -> None:
@@ -148,8 +148,7 @@ def _install_backbone_forward(model) -> None:
     def forward(self, *args, fastgrpo_backbone=False, **kwargs):
         if not fastgrpo_backbone:
             return previous(*args, **kwargs)
-        kwargs["use_cache"] = False
-        return self.base_model(*args, **kwargs)
+        return backbone_output(self, **kwargs)
 
     model.forward = types.MethodType(forward, model)
     model._fastgrpo_backbone_forward = True
@@ -182,7 +181,7 @@ class _FastGRPOMixin:
             out = model(input_ids=input_ids, attention_mask=attention_mask,
                         fastgrpo_backbone=True)
         hidden = out.last_hidden_state[:, -t - 1:-1]          # states that predict the completion
-        weight = _inner_model(self).get_output_embeddings().weight
+        weight = lm_head_weight(self.model)
         hidden = hidden.to(weight.device)
         if self.args.cast_lm_head_to_fp32:
             hidden, weight = hidden.float(), weight.float()

@@ -1,9 +1,9 @@
 """Rollouts: G sampled completions per prompt with the KV cache (``model.generate``).
 
-Prompts are left-padded into batches; completions are returned grouped by prompt
-(``completions[i * G + j]`` is the j-th sample of prompt i), trimmed after the first EOS (the
-EOS itself is kept, so the policy is trained to stop), with a ``truncated`` flag for those that
-hit ``max_new_tokens`` without an EOS.
+Prompts are left-padded into batches; the samples come back grouped by prompt
+(``samples[i * G + j]`` is the j-th sample of prompt i, ``group == i``), trimmed after the first
+EOS (the EOS itself is kept, so the policy is trained to stop), with ``truncated`` set for those
+that hit ``max_new_tokens`` without an EOS.  Token ids are exactly as generated.
 """
 
 from __future__ import annotations
@@ -13,31 +13,33 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastgrpo.trainer.sample import Sample
+
 __all__ = ["Rollout", "generate"]
 
 
 @dataclass
 class Rollout:
-    prompt_ids: list[list[int]]          # one per completion (prompt repeated G times)
-    completion_ids: list[list[int]]      # trimmed after EOS (EOS kept)
-    texts: list[str]                     # decoded completions, special tokens skipped
-    truncated: list[bool]                # hit max_new_tokens without EOS
-    prompt_index: list[int]              # which prompt each completion belongs to
-    seconds: float = 0.0
+    samples: list[Sample] = field(default_factory=list)   # grouped by prompt
+    seconds: float = 0.0                                    # wall time of the generation
     generated_tokens: int = 0
-    extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.completion_ids)
+        return len(self.samples)
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.samples]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int = 1,
              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-             do_sample: bool = True, batch_size: int = 64) -> Rollout:
+             do_sample: bool = True, batch_size: int = 64, rows: list[int] | None = None) -> Rollout:
     """Sample ``group_size`` completions for each prompt (greedy when ``do_sample=False``).
 
-    ``batch_size`` bounds the number of sequences generated together.
+    ``batch_size`` bounds the number of sequences generated together; ``rows[i]`` (default
+    ``i``) is the data row of prompt ``i``, kept in each sample's ``row``.
     """
     from transformers import GenerationConfig
 
@@ -80,6 +82,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int =
     if was_training:
         model.train()
     texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-    return Rollout(prompt_ids=[list(prompt_ids[i]) for i in flat], completion_ids=comps,
-                   texts=texts, truncated=trunc, prompt_index=flat, seconds=seconds,
-                   generated_tokens=sum(len(c) for c in comps))
+    samples = [Sample(prompt_ids=list(prompt_ids[i]), completion_ids=c, group=i,
+                      row=i if rows is None else rows[i], text=t,
+                      truncated=tr) for i, c, t, tr in zip(flat, comps, texts, trunc)]
+    return Rollout(samples, seconds=seconds, generated_tokens=sum(len(c) for c in comps))

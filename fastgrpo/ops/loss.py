@@ -30,7 +30,7 @@ saved, no logits), evaluates the objective above on the ``[N]`` vectors and diff
 right there, so only ``dloss/dlogp`` and ``dloss/dentropy`` (``[N]`` each) are kept.  Its
 backward is the log-prob kernel's tiled recompute fed with those two vectors.  The
 per-token math is O(N) elementwise work: for N = 8192 about 30 small launches on ~32 KiB
-vectors, against ~4 x 10 PFLOP of matrix work at V = 152k, D = 4096; so it is written in plain
+vectors, against ~4 x 10 TFLOP of matrix work at V = 152k, D = 4096; so it is written in plain
 torch rather than inside the Triton kernel's epilogue (sequence-level ratios, EGSW weights
 and batch normalizers need the whole forward first anyway).
 """
@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastgrpo.logprobs import _resolve_backend, _validate, linear_backward, linear_forward
+from fastgrpo.ops.logprobs import linear_backward, linear_forward, resolve_backend, validate_inputs
 
-__all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES"]
+__all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
@@ -342,16 +342,16 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if egsw_alpha is not None and not egsw_temperature > 0:
         raise ValueError(f"egsw_temperature must be > 0, got {egsw_temperature!r}")
 
-    _validate(hidden, weight, targets, temperature, ignore_index, backend)
-    backend = _resolve_backend(backend, hidden.device)
+    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend)
+    backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         backend = "torch"  # the reference is a test oracle for fused_logprobs only
     h, y, tok = _flatten(hidden, targets, advantages, completion_mask, cu_seqlens,
                          old_logp, ref_logp, ignore_index)
     egsw = None
     if egsw_alpha is not None:
-        from fastgrpo.advantages import _group_index
-        group = _group_index(tok.n_seq, group_size, group_ids, h.device)
+        from fastgrpo.ops.advantages import group_index
+        group = group_index(tok.n_seq, group_size, group_ids, h.device)
         egsw = (float(egsw_alpha), float(egsw_temperature), group)
     objective = _Objective(tok, loss_type, float(beta), float(epsilon_low), float(epsilon_high),
                            delta, float(entropy_coef), importance_sampling_level,

@@ -35,7 +35,8 @@ import os
 
 import torch
 
-__all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward"]
+__all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward", "BACKENDS",
+           "validate_inputs", "resolve_backend"]
 
 # Workspace budget of one [rows x vocab] block, in elements.  CPU: 4M (16 MiB in fp32; the
 # torch path keeps a few block-sized temporaries alive).  CUDA: 16M (32 MiB of bf16 gradient
@@ -43,7 +44,8 @@ __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backwar
 _BLOCK_ELEMS = 1 << 22
 _BLOCK_ELEMS_CUDA = 1 << 24
 _MAX_BLOCK_ROWS = 4096
-_BACKENDS = ("auto", "torch", "triton", "reference")
+BACKENDS = ("auto", "torch", "triton")   # the kernels' backends ("auto": triton on CUDA)
+REFERENCE = "reference"                  # the naive float oracle, accepted for tests
 
 
 def _block_shape(n: int, v: int, cuda: bool = False) -> tuple[int, int]:
@@ -56,7 +58,7 @@ def _block_shape(n: int, v: int, cuda: bool = False) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- validation
 
 
-def _validate(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def validate_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               temperature: float, ignore_index: int, backend: str) -> None:
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got "
@@ -84,8 +86,8 @@ def _validate(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if not (isinstance(temperature, (int, float)) and temperature > 0
             and temperature != float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS and backend != REFERENCE:
+        raise ValueError(f"backend must be one of {BACKENDS + (REFERENCE,)}, got {backend!r}")
     if targets.numel():
         valid = targets != ignore_index
         if bool(valid.any()):
@@ -98,7 +100,7 @@ def _validate(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  f"use ignore_index={ignore_index} for positions to skip")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -271,8 +273,8 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         ``logp`` (float32, shape of ``targets``), and ``entropy`` when asked for.  Both are
         differentiable with respect to ``hidden`` and ``weight``.
     """
-    _validate(hidden, weight, targets, temperature, ignore_index, backend)
-    backend = _resolve_backend(backend, hidden.device)
+    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend)
+    backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         logp, ent = naive_logprobs(hidden, weight, targets, temperature=temperature,
                                    ignore_index=ignore_index)

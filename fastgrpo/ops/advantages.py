@@ -16,12 +16,15 @@ import math
 
 import torch
 
-__all__ = ["group_advantages", "process_advantages"]
+from fastgrpo.ops.logprobs import BACKENDS
 
-_SCALES = ("group", "batch", "none")
+__all__ = ["group_advantages", "process_advantages", "constant_groups", "group_index",
+           "SCALES"]
+
+SCALES = ("group", "batch", "none")
 
 
-def _group_index(b: int, group_size, group_ids, device) -> torch.Tensor:
+def group_index(b: int, group_size, group_ids, device) -> torch.Tensor:
     """Dense group index in [0, num_groups) for each of the b rows."""
     if (group_size is None) == (group_ids is None):
         raise ValueError("pass exactly one of group_size (consecutive groups) or group_ids")
@@ -38,15 +41,29 @@ def _group_index(b: int, group_size, group_ids, device) -> torch.Tensor:
     return torch.arange(b, device=device) // group_size
 
 
+def _constant(r: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
+    g = int(gid.max()) + 1
+    rmax = r.new_full((g,), -math.inf).scatter_reduce_(0, gid, r, "amax")
+    rmin = r.new_full((g,), math.inf).scatter_reduce_(0, gid, r, "amin")
+    return (rmax == rmin)[gid]
+
+
+def constant_groups(rewards, *, group_size: int | None = None, group_ids=None) -> torch.Tensor:
+    """``[B]`` bool, True where a completion's group has all-equal rewards.
+
+    The one definition of a group without signal: its advantages are exactly 0 (see
+    :func:`group_advantages`), and DAPO's dynamic sampling drops it."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    return _constant(r, group_index(r.numel(), group_size, group_ids, r.device))
+
+
 def _segment_zscore(r: torch.Tensor, gid: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
     """z-score of float64 rewards r within the groups gid (torch path, any grouping)."""
     g = int(gid.max()) + 1
     cnt = torch.zeros(g, dtype=r.dtype, device=r.device).index_add_(0, gid, torch.ones_like(r))
     mean = torch.zeros_like(cnt).index_add_(0, gid, r) / cnt
     centred = r - mean[gid]
-    rmax = torch.full_like(cnt, -math.inf).scatter_reduce_(0, gid, r, "amax")
-    rmin = torch.full_like(cnt, math.inf).scatter_reduce_(0, gid, r, "amin")
-    constant = (rmax == rmin)[gid]
+    constant = _constant(r, gid)
     if scale == "group":
         var = torch.zeros_like(cnt).index_add_(0, gid, centred * centred) / (cnt - 1).clamp(min=1)
         centred = centred / (var.sqrt()[gid] + eps)
@@ -93,13 +110,13 @@ def group_advantages(rewards, *, group_size: int | None = None, group_ids=None,
     if not torch.isfinite(r).all():
         bad = int(torch.nonzero(~torch.isfinite(r))[0])
         raise ValueError(f"reward of completion {bad} is {float(r[bad])}; rewards must be finite")
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    gid = _group_index(r.numel(), group_size, group_ids, r.device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    gid = group_index(r.numel(), group_size, group_ids, r.device)
 
     use_triton = backend == "triton" or (backend == "auto" and r.is_cuda)
     if use_triton and group_ids is None and scale != "batch":
@@ -140,7 +157,7 @@ def process_advantages(step_rewards, token_step_index, *, group_size: int | None
     if bool(((idx < -1) | (idx >= s)).any()):
         bad = int(idx[(idx < -1) | (idx >= s)][0])
         raise ValueError(f"token_step_index {bad} is outside [-1, {s})")
-    gid_row = _group_index(b, group_size, group_ids, r.device)
+    gid_row = group_index(b, group_size, group_ids, r.device)
     gid_step = gid_row[:, None].expand(b, s)[mask]
     norm = torch.zeros_like(r)
     norm[mask] = _segment_zscore(r[mask], gid_step, "group", eps)

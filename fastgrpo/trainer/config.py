@@ -16,14 +16,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "LOSS_TYPES",
-           "explicit_fields"]
+from fastgrpo.ops.advantages import SCALES
+from fastgrpo.ops.logprobs import BACKENDS
+from fastgrpo.ops.loss import IS_LEVELS, LOSS_TYPES
+from fastgrpo.trainer.attention import ALIASES as ATTENTION_ALIASES
+from fastgrpo.trainer.attention import BACKENDS as ATTENTION_BACKENDS
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALES = ("group", "batch", "none")
-IS_LEVELS = ("token", "sequence")
+__all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "explicit_fields"]
+
 DP_STRATEGIES = ("auto", "ddp", "fsdp")
-ATTN_CHOICES = ("auto", "flash_attention_2", "xformers", "sdpa", "eager")
 
 
 class ConfigError(ValueError):
@@ -68,13 +69,16 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute decoder activations in backward")
     bf16: bool = _f(True, "bf16 autocast for the backbone (CUDA only; ignored on CPU)")
     # loss
-    loss_type: str = _f("grpo", "loss normalisation: " + " | ".join(LOSS_TYPES))
+    loss_type: str = _f("grpo", "loss normalisation: grpo (sequence mean, then mean over sequences: "
+                                "StepGRPO as published) | bnpo (token mean over this process's "
+                                "batch; ranks averaged) | dapo (token mean over the global batch) | "
+                                "dr_grpo (token sum / (sequences x --max-new-tokens))")
     beta: float = _f(0.0, "KL coefficient against the initial (reference) model; >0 keeps a frozen copy")
     epsilon_low: float = _f(0.2, "lower clip range of the ratio")
     epsilon_high: float = _f(0.0, "upper clip range of the ratio (0: same as --epsilon-low)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
     importance_sampling_level: str = _f("token", "importance ratio level: token | sequence (GSPO)")
-    backend: str = _f("auto", "fused kernel backend: auto | torch | triton")
+    backend: str = _f("auto", "fused kernel backend: " + " | ".join(BACKENDS))
     # rewards and advantages
     reward: list = _f([], "extra reward 'module:function[=weight]' (TRL signature); repeatable")
     scale_rewards: str = _f("group", "advantage scaling: group | batch | none")
@@ -96,7 +100,7 @@ class TrainConfig:
     attn_implementation: str = _f("auto", "attention backend: auto | flash_attention_2 | xformers | sdpa | eager "
                                           "(auto: flash-attn, then xformers on CUDA, else sdpa)")
     preset: str = _f("", "named preset, e.g. smollm2-135m: its model and hyper-parameters, except options "
-                         "given explicitly (flags or --config file) (fastgrpo.presets.PRESETS lists them)")
+                         "given explicitly (flags or --config file) (fastgrpo.trainer.presets.PRESETS lists them)")
     dp_strategy: str = _f("auto", "data parallelism under torchrun: auto (FSDP2 on CUDA, DDP on CPU) | ddp | fsdp")
 
     def validate(self) -> "TrainConfig":
@@ -131,17 +135,17 @@ class TrainConfig:
             bad("scale_rewards", f"choose one of {', '.join(SCALES)}")
         if self.importance_sampling_level not in IS_LEVELS:
             bad("importance_sampling_level", f"choose one of {', '.join(IS_LEVELS)}")
-        if self.backend not in ("auto", "torch", "triton"):
-            bad("backend", "choose one of auto, torch, triton")
+        if self.backend not in BACKENDS:
+            bad("backend", f"choose one of {', '.join(BACKENDS)}")
         if self.keep_last < 1:
             bad("keep_last", "must be >= 1")
         if self.dp_strategy not in DP_STRATEGIES:
             bad("dp_strategy", f"choose one of {', '.join(DP_STRATEGIES)}")
-        from fastgrpo.attention import _ALIASES
-        if self.attn_implementation.lower() not in _ALIASES:
-            bad("attn_implementation", f"unknown attention backend; choose one of {', '.join(ATTN_CHOICES)}")
+        if self.attn_implementation.lower() not in ATTENTION_ALIASES:
+            bad("attn_implementation", f"unknown attention backend; choose one of auto, "
+                                       f"{', '.join(ATTENTION_BACKENDS)}")
         if self.preset:
-            from fastgrpo.presets import PRESETS
+            from fastgrpo.trainer.presets import PRESETS
             if self.preset not in PRESETS:
                 bad("preset", f"unknown preset; choose one of {', '.join(sorted(PRESETS))}")
         for spec in self.reward:

@@ -37,7 +37,7 @@ def _pre_tokenizer():
 
 
 def _corpus() -> list[str]:
-    from fastgrpo.task import ITEMS, NAMES, make_splits
+    from fastgrpo.tasks.arithmetic import ITEMS, NAMES, make_splits
 
     train, evals = make_splits(seed=12345, n_train=3000, n_eval=10)
     texts = [r["prompt"] + "\n" + r["solution"] for r in train + evals]

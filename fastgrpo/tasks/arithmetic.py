@@ -18,22 +18,20 @@ equation, e.g. ``["3 * 4 = 12", "3*4=12", "3 × 4 = 12", "3 x 4 = 12", "3 times 
 and ``solution``.  Generation is deterministic in the seed; the eval split never repeats a
 train prompt.
 
-Write the splits to disk with ``python -m fastgrpo.task --out DIR`` (``DIR/train.jsonl``,
+Write the splits to disk with ``python -m fastgrpo.tasks.arithmetic --out DIR`` (``DIR/train.jsonl``,
 ``DIR/eval.jsonl``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import re
 from pathlib import Path
-from typing import Iterable
 
-__all__ = ["make_problem", "make_splits", "load_jsonl", "write_jsonl", "DataError",
-           "RATIONALE", "NAMES", "ITEMS", "extract_final_answer", "answer_correct", "warmup_solution"]
+from fastgrpo.tasks.data import write_jsonl
+
+__all__ = ["make_problem", "make_splits", "RATIONALE", "NAMES", "ITEMS", "extract_final_answer", "answer_correct", "warmup_solution"]
 
 NAMES = [("Tom", "he"), ("Sam", "he"), ("Ben", "he"), ("Leo", "he"),
          ("Ann", "she"), ("Mia", "she"), ("Eva", "she"), ("Zoe", "she")]
@@ -167,56 +165,8 @@ def warmup_solution(row: dict, rng: random.Random, skip_double_prob: float = 0.0
     return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- JSONL
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file (and line)."""
-
-
-def load_jsonl(path: str | os.PathLike, required: Iterable[str] = ("prompt", "answer")) -> list[dict]:
-    """Read rows from a JSONL file; errors name the file and the 1-based line number."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {str(p)!r}")
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{p}:{lineno}: missing required field(s) {', '.join(map(repr, missing))}")
-            if not isinstance(row["prompt"], str):
-                raise DataError(f"{p}:{lineno}: field 'prompt' must be a string")
-            row["answer"] = str(row["answer"])
-            ks = row.get("key_steps")
-            if ks is not None:
-                if not isinstance(ks, list):
-                    raise DataError(f"{p}:{lineno}: field 'key_steps' must be a list of lists of strings")
-                row["key_steps"] = [[g] if isinstance(g, str) else list(g) for g in ks]
-            rows.append(row)
-    if not rows:
-        raise DataError(f"data file is empty: {str(p)!r}")
-    return rows
-
-
-def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m fastgrpo.task", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastgrpo.tasks.arithmetic", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for train.jsonl and eval.jsonl")
     ap.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     ap.add_argument("--n-train", type=int, default=2000, help="train problems (default 2000)")

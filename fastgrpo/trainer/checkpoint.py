@@ -2,7 +2,7 @@
 
 API (everything a training loop needs)::
 
-    from fastgrpo.checkpoint import (save_checkpoint, load_checkpoint, find_latest_valid,
+    from fastgrpo.trainer.checkpoint import (save_checkpoint, load_checkpoint, find_latest_valid,
                                      resolve_resume, prune, check_finite_loss,
                                      NonFiniteLossError, CheckpointError)
 
@@ -50,7 +50,7 @@ be trusted, and if so the loop may ``save_checkpoint(..., extra={"stopped": str(
 re-raising.  ``save_checkpoint`` itself refuses (``NonFiniteLossError``) to write non-finite
 parameters unless ``allow_non_finite=True``.
 
-Distributed models: pass the *unwrapped* model (``distributed.unwrap_model``); for DDP only
+Distributed models: pass the *unwrapped* model (``fastgrpo.hf.unwrap_model``); for DDP only
 rank 0 needs to call ``save_checkpoint``.  FSDP2 (DTensor parameters) is handled by gathering
 full state dicts, which is a collective: every rank calls ``save_checkpoint`` and only rank 0
 (``write=True``) writes.
@@ -72,6 +72,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastgrpo.hf import unwrap_model
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -235,18 +237,6 @@ def _is_distributed_tensor_model(model) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
-def _unwrap(model):
-    # DDP / torch.compile wrappers hold the real module in .module / ._orig_mod
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) \
-                and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _shared_free_state_dict(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     """Drop aliases of tied tensors (safetensors refuses shared storage), keeping the name
     the model itself would keep (``_tied_weights_keys`` targets are dropped first)."""
@@ -294,7 +284,7 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
     step = int(step)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if _is_distributed_tensor_model(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -483,7 +473,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
             raise CheckpointError(f"cannot load checkpoint {path}: {reason}")
     from safetensors.torch import load_file
 
-    model = _unwrap(model)
+    model = unwrap_model(model)
     tensors = load_file(str(path / MODEL_FILE))
     state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=False)
     if _is_distributed_tensor_model(model):

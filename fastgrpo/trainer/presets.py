@@ -11,7 +11,7 @@ needed; the package is never imported, only its data file is read.)
 
 API::
 
-    from fastgrpo.presets import PRESETS, get_preset, apply_preset, smollm2_path, \
+    from fastgrpo.trainer.presets import PRESETS, get_preset, apply_preset, smollm2_path, \
         load_smollm2, smollm2_hf_dir, encode_chat_prompt
 
     d, f = smollm2_path()                      # (package dir, "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -2,14 +2,15 @@
 
 API::
 
-    from fastgrpo.attention import select_attention, apply_attention, packed_attention_kwargs
+    from fastgrpo.hf import backbone_hidden_states
+    from fastgrpo.trainer.attention import select_attention, apply_attention
 
     backend = select_attention(cfg.attn_implementation, device)   # "auto" | "flash_attention_2"
                                                                   # | "xformers" | "sdpa" | "eager"
     apply_attention(model, backend)            # or from_pretrained(..., attn_implementation=backend)
-    kw = packed_attention_kwargs(backend, mb.cu_seqlens, mb.max_seqlen)
-    hidden = model.base_model(input_ids=mb.input_ids, position_ids=mb.position_ids,
-                              use_cache=False, **kw).last_hidden_state
+    hidden = backbone_hidden_states(model, mb.input_ids, position_ids=mb.position_ids,
+                                    cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)
+    # varlen backends get the row's cu_seq_lens (fastgrpo.hf.packed_attention_kwargs)
 
 Backends (``select_attention`` returns the transformers ``attn_implementation`` name):
 
@@ -45,12 +46,12 @@ import math
 import torch
 
 __all__ = [
+    "ALIASES",
     "BACKENDS",
     "XFORMERS_NAME",
     "AttentionBackendError",
     "apply_attention",
     "available_backends",
-    "packed_attention_kwargs",
     "register_xformers",
     "select_attention",
     "xformers_attention_forward",
@@ -58,7 +59,7 @@ __all__ = [
 
 BACKENDS = ("flash_attention_2", "xformers", "sdpa", "eager")
 XFORMERS_NAME = "xformers"
-_ALIASES = {"flash": "flash_attention_2", "fa2": "flash_attention_2", "flash_attn": "flash_attention_2",
+ALIASES = {"flash": "flash_attention_2", "fa2": "flash_attention_2", "flash_attn": "flash_attention_2",
             "flash-attn": "flash_attention_2", "flash_attention_2": "flash_attention_2",
             "xformers": "xformers", "sdpa": "sdpa", "eager": "eager", "auto": "auto"}
 
@@ -126,7 +127,7 @@ def select_attention(requested: str = "auto", device=None) -> str:
     """Resolve ``requested`` ("auto", a backend name or alias) for ``device`` (default: CUDA
     if available).  Raises ``AttentionBackendError`` when the requested backend cannot run.
     Selecting ``xformers`` registers it with transformers (``register_xformers``)."""
-    key = _ALIASES.get(str(requested).lower())
+    key = ALIASES.get(str(requested).lower())
     if key is None:
         raise AttentionBackendError(f"unknown attention backend {requested!r}; choose one of "
                                     f"auto, {', '.join(BACKENDS)}")
@@ -170,22 +171,6 @@ def apply_attention(model, backend: str):
     except (AttributeError, ValueError, ImportError):
         model.config._attn_implementation = backend
     return model
-
-
-def packed_attention_kwargs(backend: str, cu_seqlens: torch.Tensor | None,
-                            max_len: int | None = None) -> dict:
-    """Extra forward kwargs for one packed row (with ``position_ids`` restarting at 0).
-
-    flash_attention_2 / xformers: ``cu_seq_lens_q/k`` (int32, on the row's device) and
-    ``max_length_q/k``.  sdpa / eager: ``{}`` (the mask comes from the position ids).
-    """
-    if backend in ("sdpa", "eager") or cu_seqlens is None:
-        return {}
-    cu = cu_seqlens.to(torch.int32)
-    if max_len is None:
-        max_len = int((cu[1:] - cu[:-1]).max())
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": int(max_len),
-            "max_length_k": int(max_len)}
 
 
 # ----------------------------------------------------------------------------- xformers

@@ -1,0 +1,540 @@
+"""StepGRPO training loop: ``python -m fastgrpo.train [--flags]`` (``--help`` lists them all).
+
+One step (:func:`_train`), as ``STEPGRPO.md`` describes the method::
+
+    rollout      G samples for each of prompts_per_step prompts (each rank: whole groups)
+    score        the reward set (StepRAR + StepRVR by default) on every sample
+    advantages   group-normalised; groups without signal, truncated and empty samples dropped
+    gather       every rank's kept samples and statistics (rank order = global order)
+    pack         length-balanced first-fit-decreasing micro-batches, restarting position ids
+    learn        backbone hidden states -> fused loss -> backward -> optimizer step (learn.py)
+    log / evaluate / checkpoint
+
+The pieces around it live in their own modules: the sample type (``sample.py``), generation
+(``rollout.py``), packing, the learning step (``learn.py``), the policy model and its wrapping
+for data parallelism (``policy.py``), collectives (``distributed.py``), checkpoints
+(``checkpoint.py``) and logs (``logs.py``).
+
+Robustness and scale (all off or automatic by default):
+
+* ``--save-every N`` writes an atomic, verified checkpoint (weights, optimizer, RNG states, data
+  position) to ``<out-dir>/checkpoints/step-N`` (``--keep-last`` of them are kept);
+  ``--resume auto`` (or a directory) continues a killed run exactly where it stopped: the
+  same LR schedule, data order and random numbers, metrics appended to ``metrics.jsonl``.
+* A NaN/inf loss or gradient norm stops the run before the optimizer step with an error naming
+  the step (exit code 3); when the parameters are still finite, a checkpoint of the last
+  completed step is written first (its ``extra["stopped"]`` says why).
+* ``torchrun --nproc-per-node K -m fastgrpo.train ...``: data parallel (DDP on CPU/gloo, FSDP2
+  on CUDA; ``--dp-strategy``).  Each rank generates whole prompt groups; the kept samples are
+  gathered and length-balanced over the ranks; the loss is normalised over the global batch,
+  so K processes compute the same update as one process given the same rollouts.
+* ``--attn-implementation`` picks the packed-row attention backend; ``--preset`` loads a named
+  model + hyper-parameter set (``fastgrpo.trainer.presets``), explicit options still win.
+
+Defaults: the shipped warm-up checkpoint (``fastgrpo/tasks/assets/warmup``) on the built-in
+arithmetic task; runs on a 2-core CPU in a few minutes and prints held-out greedy accuracy and
+validity before and after.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one JSON line per
+step, also on stdout), ``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fastgrpo.ops.advantages import constant_groups, group_advantages
+from fastgrpo.rewards import TAG_LAYOUT, RewardResult, RewardSet, default_reward_set, load_reward_function
+from fastgrpo.tasks.arithmetic import make_splits
+from fastgrpo.tasks.data import DataError, load_jsonl
+from fastgrpo.tasks.tokenizer import encode_prompt
+from fastgrpo.trainer import distributed as dist_
+from fastgrpo.trainer.attention import AttentionBackendError, apply_attention, select_attention
+from fastgrpo.trainer.checkpoint import (CheckpointError, NonFiniteLossError, capture_rng_state,
+                                         load_checkpoint, params_are_finite, resolve_resume,
+                                         save_checkpoint)
+from fastgrpo.trainer.config import ConfigError, TrainConfig, explicit_fields, parse_args
+from fastgrpo.trainer.learn import NO_UPDATE_METRICS, batch_logprobs, lr_at, optimize
+from fastgrpo.trainer.logs import Progress, RunLog, peak_memory_mb
+from fastgrpo.trainer.packing import MicroBatch, balance_microbatches, pack_bins
+from fastgrpo.trainer.policy import gather_for_generation, load_model, wrap_model
+from fastgrpo.trainer.prompts import PromptOrder
+from fastgrpo.trainer.rollout import Rollout, generate
+from fastgrpo.trainer.sample import Sample
+
+__all__ = ["main", "run", "optimize", "compute_advantages", "batch_logprobs", "evaluate",
+           "build_reward_set", "load_data", "lr_at"]
+
+# options that may change between a run and its resume without a warning
+_RUNTIME_FIELDS = {"resume", "out_dir", "save_every", "keep_last", "progress", "threads", "device",
+                   "plot", "save", "sample_every", "eval_every", "eval_size", "gen_batch_size",
+                   "micro_batch_tokens", "attn_implementation", "dp_strategy", "backend"}
+
+
+# ----------------------------------------------------------------------------- data and rewards
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """Train and eval rows: JSONL files when given, else the built-in task's splits."""
+    if cfg.train_file or cfg.eval_file:
+        train = load_jsonl(cfg.train_file) if cfg.train_file else make_splits(cfg.seed)[0]
+        evals = load_jsonl(cfg.eval_file) if cfg.eval_file else []
+    else:
+        train, evals = make_splits(0)  # the warm-up model was trained on split seed 0
+    return train, evals[:cfg.eval_size]
+
+
+def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
+    """The default StepGRPO set (in ``layout``; default R1-VL ``### Step k:``) plus
+    ``--reward module:function[=weight]`` extras."""
+    base = default_reward_set() if layout is None else default_reward_set(layout=layout)
+    funcs, weights = dict(base.funcs), dict(base.weights)
+    for spec in cfg.reward:
+        target, _, w = spec.partition("=")
+        fn = load_reward_function(target)
+        name = target.split(":")[-1]
+        while name in funcs:
+            name += "_"
+        funcs[name], weights[name] = fn, float(w) if w else 1.0
+    return RewardSet(funcs, weights)
+
+
+def _columns(rows: list[dict], index: list[int]) -> dict:
+    cols = {"answer": [rows[i]["answer"] for i in index]}
+    if all("key_steps" in rows[i] for i in index):
+        cols["key_steps"] = [rows[i]["key_steps"] for i in index]
+    return cols
+
+
+def compute_advantages(rewards: list[float], group_size: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-completion advantages and a keep mask (False for groups whose rewards are all
+    equal when ``cfg.drop_zero_std_groups``: their advantages are exactly 0)."""
+    r = torch.tensor(rewards, dtype=torch.float32)
+    adv = group_advantages(r, group_size=group_size, scale=cfg.scale_rewards)
+    keep = torch.ones(len(rewards), dtype=torch.bool)
+    if cfg.drop_zero_std_groups:
+        keep = ~constant_groups(r, group_size=group_size)
+    return adv, keep
+
+
+def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: TrainConfig,
+             encode=None) -> dict:
+    """Greedy held-out accuracy and layout validity (the reward set's accuracy / step_rvr).
+    ``encode(tokenizer, prompt) -> ids`` (default ``tasks.tokenizer.encode_prompt``)."""
+    if not rows:
+        return {"accuracy": math.nan, "validity": math.nan}
+    encode = encode or encode_prompt
+    prompts = [encode(tokenizer, r["prompt"]) for r in rows]
+    ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
+                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+    res = reward_set([r["prompt"] for r in rows], ro.texts, **_columns(rows, list(range(len(rows)))))
+    stats = res.stats()
+    return {"accuracy": stats["accuracy"]["mean"], "validity": stats["step_rvr"]["mean"]}
+
+
+# ----------------------------------------------------------------------------- one run's state
+
+
+@dataclass
+class _Run:
+    """Everything a run holds between steps."""
+    cfg: TrainConfig
+    info: dist_.DistInfo
+    device: torch.device
+    out_dir: Path
+    model: torch.nn.Module                 # the plain causal LM (generation, eval, saving)
+    policy: torch.nn.Module                # the same, wrapped for data parallelism
+    ref_model: torch.nn.Module | None
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    reward_set: RewardSet
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    encode: Callable
+    prompts: PromptOrder
+    evaluator: bool                        # runs the greedy evals (rank 0; every rank under FSDP2)
+    start: int = 0                         # completed steps at the start (resume)
+    before: dict | None = None             # held-out eval of the initial model
+    t_start: float = 0.0
+    prompt_cache: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.info.is_main
+
+    def prompt_ids(self, i: int) -> list[int]:
+        if i not in self.prompt_cache:
+            self.prompt_cache[i] = self.encode(self.tokenizer, self.train_rows[i]["prompt"])
+        return self.prompt_cache[i]
+
+    def evaluate(self) -> dict:
+        with gather_for_generation(self.policy):
+            if not self.evaluator:
+                return {}
+            return evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
+                            self.cfg, self.encode)
+
+    def checkpoint(self, done: int, data_state: dict, rng_states: list[dict], **more) -> Path | None:
+        extra = {"data": data_state, "config": dataclasses.asdict(self.cfg),
+                 "eval_before": self.before, "seconds": time.perf_counter() - self.t_start, **more}
+        saved = save_checkpoint(self.out_dir, done, self.model, self.optimizer, None, extra=extra,
+                                keep_last=self.cfg.keep_last, rng_states=rng_states,
+                                write=self.main)
+        dist_.barrier()
+        return saved
+
+
+def _device(cfg: TrainConfig, info: dist_.DistInfo) -> torch.device:
+    if info.world_size > 1:
+        if cfg.prompts_per_step < info.world_size:
+            raise ConfigError(f"invalid --prompts-per-step {cfg.prompts_per_step}: must be >= the "
+                              f"number of processes ({info.world_size}); each rank generates "
+                              f"whole groups")
+        return info.device
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _apply_preset(cfg: TrainConfig, main: bool, resolve_model: bool):
+    """The preset's model and hyper-parameters, except what the user set explicitly."""
+    from fastgrpo.trainer.presets import apply_preset, get_preset
+    preset = get_preset(cfg.preset)
+    explicit = explicit_fields(cfg)
+    for first in (True, False):  # rank 0 first: it may convert the model once, the others reuse it
+        if main == first:
+            cfg = apply_preset(cfg, cfg.preset, explicit=explicit, resolve_model=resolve_model)
+        dist_.barrier()
+    return cfg.validate(), preset
+
+
+def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
+    device = _device(cfg, info)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + info.rank)  # ranks sample different completions
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preset = None
+    if cfg.preset:
+        cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
+    train_rows, eval_rows = load_data(cfg)
+    if model is None:
+        backend = select_attention(cfg.attn_implementation, device)
+        model, tokenizer = load_model(cfg.model or None, device=device, attn_implementation=backend)
+    elif cfg.attn_implementation != "auto":
+        apply_attention(model, select_attention(cfg.attn_implementation, device))
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        model.config.use_cache = True  # generation still uses the KV cache
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    policy = wrap_model(model, device, strategy=cfg.dp_strategy)
+    layout = TAG_LAYOUT if preset is not None and preset.layout == "tag" else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    encode = encode_prompt
+    if preset is not None and preset.use_chat_template:
+        from fastgrpo.trainer.presets import encode_chat_prompt
+
+        def encode(tok, text):
+            return encode_chat_prompt(tok, text, preset)
+    # greedy eval: rank 0 alone, except under FSDP2 where every rank runs it (forwards of
+    # sharded modules must stay in step across ranks)
+    fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
+    return _Run(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
+                build_reward_set(cfg, layout), train_rows, eval_rows, encode,
+                PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp)
+
+
+def _resume(r: _Run) -> dict:
+    """Restore the checkpoint ``--resume`` names (after every set-up step, so the restored RNG
+    states are the next ones drawn); returns its extra state (``{}`` when starting fresh)."""
+    cfg = r.cfg
+    path = dist_.broadcast_object(resolve_resume(cfg.resume, r.out_dir) if r.main else None)
+    if path is None:
+        if cfg.resume == "auto" and r.main:
+            print(f"--resume auto: no checkpoint under {r.out_dir / 'checkpoints'}; starting fresh",
+                  file=sys.stderr)
+        return {}
+    extra = load_checkpoint(path, r.model, r.optimizer, None, rank=r.info.rank)
+    data = extra.get("data")
+    if not isinstance(data, dict) or "rng" not in data or "order" not in data:
+        raise CheckpointError(f"checkpoint {path} holds no data position (not written by "
+                              f"fastgrpo.train); cannot resume from it")
+    r.prompts.load_state_dict(data)
+    r.start, r.before = int(extra["step"]), extra.get("eval_before")
+    if r.main:
+        print(f"resuming from checkpoint {path} (step {r.start} of {cfg.steps})", file=sys.stderr)
+        if extra.get("stopped"):
+            print(f"note: that run stopped after it: {extra['stopped']}", file=sys.stderr)
+        saved, now = extra.get("config") or {}, dataclasses.asdict(cfg)
+        diff = sorted(k for k in saved if k in now and k not in _RUNTIME_FIELDS and saved[k] != now[k])
+        if diff:
+            print("warning: options differ from the checkpointed run: "
+                  + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in diff), file=sys.stderr)
+    return extra
+
+
+# ----------------------------------------------------------------------------- the step's stages
+
+
+def _rollout(r: _Run, step: int) -> Rollout:
+    """G samples for each of this step's prompts; this rank generates whole groups only."""
+    cfg = r.cfg
+    idx = r.prompts.take(cfg.prompts_per_step)
+    mine = [idx[g] for g in dist_.groups_for_rank(len(idx), r.info.rank, r.info.world_size)]
+    error = None
+    with gather_for_generation(r.policy):
+        try:
+            ro = generate(r.model, r.tokenizer, [r.prompt_ids(i) for i in mine],
+                          group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, do_sample=True,
+                          batch_size=cfg.gen_batch_size)
+        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
+            if "probability tensor contains" not in str(e):
+                raise
+            error = str(e)
+    if dist_.is_distributed():  # every rank stops together
+        error = next((x for x in dist_.all_gather_objects(error) if x), None)
+    if error is not None:
+        raise NonFiniteLossError(
+            f"non-finite logits while sampling the rollouts of step {step + 1} ({error}): the "
+            f"parameters after step {step} already diverge; the run stops here. Resume from an "
+            f"earlier checkpoint (--resume DIR) with a lower --lr or --grad-clip.", step=step + 1)
+    for s in ro.samples:
+        s.row = mine[s.group]
+    return ro
+
+
+def _score(r: _Run, samples: list[Sample]) -> RewardResult:
+    """The reward set on every sample (local: groups are whole)."""
+    rows = [s.row for s in samples]
+    res = r.reward_set([r.train_rows[i]["prompt"] for i in rows], [s.text for s in samples],
+                       **_columns(r.train_rows, rows))
+    for s, total in zip(samples, res.total):
+        s.reward = total
+    return res
+
+
+def _advantages(r: _Run, samples: list[Sample], rewards: list[float]) -> list[Sample]:
+    """Group advantages; returns the samples that enter the loss."""
+    adv, keep = compute_advantages(rewards, r.cfg.group_size, r.cfg)
+    for s, a in zip(samples, adv.tolist()):
+        s.advantage = a
+    if r.cfg.mask_truncated:
+        keep &= ~torch.tensor([s.truncated for s in samples], dtype=torch.bool)
+    keep &= torch.tensor([len(s.completion_ids) > 0 for s in samples], dtype=torch.bool)
+    return [samples[i] for i in keep.nonzero().flatten().tolist()]
+
+
+@dataclass
+class _Gathered:
+    """The global batch: every rank's kept samples and the statistics of all samples."""
+    kept: list[Sample]
+    rewards: RewardResult
+    lengths: list[int]
+    truncated: list[bool]
+    gen_tokens: int
+    gen_seconds: float
+
+
+def _gather(kept: list[Sample], ro: Rollout, res: RewardResult) -> _Gathered:
+    parts = dist_.all_gather_objects({
+        "kept": kept, "total": res.total, "per_function": res.per_function,
+        "lens": [len(s.completion_ids) for s in ro.samples],
+        "truncated": [s.truncated for s in ro.samples],
+        "gen_tokens": ro.generated_tokens, "gen_seconds": ro.seconds})
+    flat = lambda key: [x for p in parts for x in p[key]]  # noqa: E731
+    rewards = RewardResult(flat("total"), {k: [x for p in parts for x in p["per_function"][k]]
+                                           for k in res.per_function}, res.weights)
+    return _Gathered(flat("kept"), rewards, flat("lens"), flat("truncated"),
+                     sum(p["gen_tokens"] for p in parts), max(p["gen_seconds"] for p in parts))
+
+
+def _pack(r: _Run, samples: list[Sample]) -> list[MicroBatch]:
+    """This rank's micro-batches of the length-balanced plan for the global batch."""
+    if not samples:
+        return []
+    tok = r.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    plan = balance_microbatches([s.num_tokens for s in samples], r.cfg.micro_batch_tokens,
+                                r.info.world_size)
+    return [mb.to(r.device) for mb in pack_bins(plan[r.info.rank], samples, pad_token_id=pad)]
+
+
+def _learn(r: _Run, batches: list[MicroBatch], step: int, at_start: dict) -> dict:
+    """One optimizer step on the batch; a non-finite loss writes an emergency checkpoint of the
+    last completed step (when the parameters are still finite) and stops the run."""
+    if not batches:  # every group had equal rewards: nothing to learn from this batch
+        return dict(NO_UPDATE_METRICS)
+    try:
+        return optimize(r.policy, r.optimizer, batches, r.cfg, r.ref_model, step=step + 1)
+    except NonFiniteLossError as e:
+        e.step = step + 1
+        ok = step > 0 and not getattr(e, "params_updated", False)
+        ok = ok and dist_.global_sum(0.0 if params_are_finite(r.model) else 1.0) == 0
+        if ok:
+            saved = r.checkpoint(step, at_start["data"], dist_.all_gather_objects(at_start["rng"]),
+                                 stopped=str(e))
+            if r.main:
+                print(f"saved the last completed step ({step}) to {saved} before stopping",
+                      file=sys.stderr)
+        elif r.main:
+            print("no checkpoint written for the failed step (the parameters were already "
+                  "changed or are not finite); resume from the last periodic checkpoint",
+                  file=sys.stderr)
+        raise
+
+
+def _step_metrics(r: _Run, step: int, g: _Gathered, lm: dict, batches: list[MicroBatch],
+                  train_seconds: float) -> dict:
+    """The step's line of ``metrics.jsonl``."""
+    rew = torch.tensor(g.rewards.total)
+    m = {"step": step + 1, "lr": lr_at(step, r.cfg),
+         "reward/mean": float(rew.mean()), "reward/std": float(rew.std()) if len(rew) > 1 else 0.0}
+    for name, s in g.rewards.stats().items():
+        m[f"rewards/{name}/mean"] = s["mean"] if s["count"] else 0.0
+        m[f"rewards/{name}/std"] = s["std"] if s["count"] > 1 else 0.0
+    m["accuracy"] = m["rewards/accuracy/mean"]
+    m["step_k"] = m["rewards/step_k/mean"]
+    m["validity"] = m["rewards/step_rvr/mean"]
+    train_tokens = sum(s.num_tokens for s in g.kept) * r.cfg.ppo_epochs
+    m.update({
+        "kl": lm["kl"], "clip_ratio/low": lm["clip_ratio/low_mean"],
+        "clip_ratio/high": lm["clip_ratio/high_mean"], "clip_ratio/region": lm["clip_ratio/region_mean"],
+        "entropy": lm["entropy"], "ratio/min": lm["ratio/min"], "ratio/mean": lm["ratio/mean"],
+        "ratio/max": lm["ratio/max"], "loss": lm["loss"], "grad_norm": lm["grad_norm"],
+        "completion_len/mean": sum(g.lengths) / len(g.lengths), "completion_len/max": max(g.lengths),
+        "truncated_frac": sum(g.truncated) / len(g.truncated),
+        "kept_frac": len(g.kept) / len(g.rewards.total), "micro_batches": len(batches),
+        "gen_tokens_per_s": g.gen_tokens / max(g.gen_seconds, 1e-9),
+        "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
+        "gen_seconds": g.gen_seconds, "train_seconds": train_seconds,
+        "peak_mem_mb": peak_memory_mb(r.device),
+    })
+    return m
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _train(r: _Run) -> dict:
+    cfg = r.cfg
+    extra = _resume(r)
+    if r.before is None:
+        r.before = r.evaluate()
+        if r.main:
+            print(f"eval before: accuracy {r.before['accuracy']:.3f}  validity "
+                  f"{r.before['validity']:.3f}", file=sys.stderr)
+    log = RunLog(r.out_dir, r.start, r.main)
+    progress = Progress(cfg.steps, cfg.progress and r.main, initial=r.start)
+    r.t_start = time.perf_counter() - float(extra.get("seconds", 0.0))
+
+    for step in range(r.start, cfg.steps):
+        # what a checkpoint of `step` completed steps holds (written if this step fails)
+        at_start = {"data": r.prompts.state_dict(), "rng": capture_rng_state()}
+        for group in r.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        ro = _rollout(r, step)
+        res = _score(r, ro.samples)
+        kept = _advantages(r, ro.samples, res.total)
+        g = _gather(kept, ro, res)
+        t_train = time.perf_counter()
+        batches = _pack(r, g.kept)
+        lm = _learn(r, batches, step, at_start)
+        m = _step_metrics(r, step, g, lm, batches, time.perf_counter() - t_train)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            ev = r.evaluate()
+            if r.main:
+                m["eval/accuracy"], m["eval/validity"] = ev["accuracy"], ev["validity"]
+                progress.write(f"step {step + 1}: eval accuracy {ev['accuracy']:.3f}  "
+                               f"validity {ev['validity']:.3f}")
+        log.metrics(m)
+        if r.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            _log_sample(r, log, progress, step, ro.samples[0])  # rank 0 generated the first group
+        progress.update(step, f"reward {m['reward/mean']:.3f} acc {m['accuracy']:.2f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:  # every rank: collective
+            r.checkpoint(step + 1, r.prompts.state_dict(), dist_.gather_rng_states())
+
+    progress.close()
+    log.close()
+    return _finish(r, log.history)
+
+
+def _log_sample(r: _Run, log: RunLog, progress: Progress, step: int, s: Sample) -> None:
+    prompt = r.train_rows[s.row]["prompt"]
+    log.sample({"step": step + 1, "prompt": prompt, "completion": s.text, "reward": s.reward})
+    progress.write(f"--- sample at step {step + 1} (reward {s.reward:.2f})\n{prompt}\n{s.text}\n---")
+
+
+def _full_state_dict(model) -> dict | None:
+    """FSDP2 (DTensor parameters): the gathered full state dict (a collective); else None."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _finish(r: _Run, history: list[dict]) -> dict:
+    """The held-out eval after training, ``summary.json``, the plot and the final model."""
+    cfg, before = r.cfg, r.before
+    after = r.evaluate()
+    full_sd = _full_state_dict(r.model) if cfg.save else None  # FSDP2: collective
+    if not r.main:
+        return {}
+    summary = {"eval_before": before, "eval_after": after, "steps": cfg.steps,
+               "seconds": round(time.perf_counter() - r.t_start, 1),
+               "last": history[-1] if history else {}}
+    if r.start > 0:
+        summary["resumed_from_step"] = r.start
+    (r.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.plot and history:
+        from fastgrpo.trainer.plot import plot_curves
+        plot_curves(history, before, after, r.out_dir / "curves.png")
+    if cfg.save:
+        r.model.save_pretrained(r.out_dir / "model", **({} if full_sd is None else {"state_dict": full_sd}))
+        r.tokenizer.save_pretrained(r.out_dir / "model")
+    print(f"held-out greedy ({len(r.eval_rows)} problems)   accuracy   validity\n"
+          f"  before StepGRPO                {before['accuracy']:8.3f}   {before['validity']:8.3f}\n"
+          f"  after  StepGRPO                {after['accuracy']:8.3f}   {after['validity']:8.3f}\n"
+          f"({summary['seconds']} s, outputs in {r.out_dir})")
+    return summary
+
+
+def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
+    """Train; returns the summary (eval before/after and the last step's metrics).
+
+    Under ``torchrun`` every rank calls this; rank 0 evaluates, logs and writes the outputs
+    (other ranks return ``{}``)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = dist_.init_distributed(device=None if cfg.device == "auto" else cfg.device)
+    try:
+        return _train(_setup(cfg, model, tokenizer, info))
+    finally:
+        if owns_group:
+            dist_.cleanup_distributed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point.  Exit codes: 2 for configuration/data/checkpoint errors, 3 when the
+    loss or gradient norm became NaN/inf (the message names the step)."""
+    try:
+        run(parse_args(argv))
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, AttentionBackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3)

@@ -1,0 +1,202 @@
+"""The policy model in the trainer: load it, wrap it for data parallelism, run it to hidden states.
+
+The trainer never calls the lm_head.  :func:`policy_hidden_states` runs the decoder stack on a
+packed micro-batch and returns ``(hidden [L, D], lm_head weight [V, D])`` for the fused loss.
+
+Why :class:`PolicyHiddenStates` (what :func:`wrap_model` wraps): DDP synchronises gradients only
+for a forward that went through the DDP wrapper, and the trainer never calls the lm_head; so the
+wrapped module's forward runs the backbone and returns ``(hidden, lm_head.weight)``.  The
+lm_head weight is then a forward output of the wrapper, and its gradient (from the fused loss)
+is synchronised like any other.  Generation uses the plain model (``fastgrpo.hf.unwrap_model``):
+with DDP the parameters are the same tensors; with FSDP2 generate inside
+:func:`gather_for_generation`.  ``wrap_model`` uses FSDP2 ``fully_shard`` (per decoder layer,
+then the root) on CUDA and DDP elsewhere (or when ``strategy="ddp"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from fastgrpo.hf import backbone_output, lm_head_weight
+from fastgrpo.tasks.tiny_model import WARMUP_DIR
+from fastgrpo.trainer.distributed import is_distributed
+from fastgrpo.trainer.packing import MicroBatch
+
+__all__ = ["load_model", "PolicyHiddenStates", "wrap_model", "as_policy", "policy_hidden_states",
+           "sync_gradients", "gather_for_generation"]
+
+
+def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None,
+               attn_implementation: str | None = None):
+    """``(model, tokenizer)`` from a local Hugging Face model directory (default: the shipped
+    warm-up checkpoint).  Errors name the directory when it is missing or incomplete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path) if path else WARMUP_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {str(path)!r}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json "
+                                f"(expected a Hugging Face causal LM directory)")
+    kw = {}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if attn_implementation is None:
+        attn_implementation = "sdpa"
+        try:  # flash-attn only where it is installed and usable
+            import flash_attn  # noqa: F401
+            if device is not None and torch.device(device).type == "cuda":
+                attn_implementation = "flash_attention_2"
+        except Exception:
+            pass
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+class PolicyHiddenStates(torch.nn.Module):
+    """Forward = backbone hidden states + the lm_head weight, for the fused loss.
+
+    ``forward(input_ids [1, L], position_ids [1, L], cu_seqlens=None, max_seqlen=None,
+    **model_inputs) -> (hidden [L, D], weight [V, D])`` (a packed row: the batch dimension of 1
+    is dropped, as ``grpo_loss``'s packed layout takes it; ``[B, T, D]`` is returned unchanged
+    for B > 1).  Packed rows: ``position_ids`` restart per sequence, no attention mask, no cache.
+    """
+
+    _fastgrpo_wraps_model = True  # fastgrpo.hf.unwrap_model looks through it
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids=None, **model_inputs):
+        hidden = backbone_output(self.model, input_ids=input_ids, position_ids=position_ids,
+                                 **model_inputs).last_hidden_state
+        return (hidden[0] if hidden.shape[0] == 1 else hidden), lm_head_weight(self.model)
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def wrap_model(model: torch.nn.Module, device=None, *, strategy: str = "auto",
+               mixed_precision: bool = False) -> torch.nn.Module:
+    """Wrap ``model`` (a HF causal LM) for data-parallel training.
+
+    Returns a module whose forward gives ``(hidden, lm_head_weight)`` (``PolicyHiddenStates``):
+    not distributed -> the plain ``PolicyHiddenStates``; ``strategy="auto"`` -> FSDP2
+    ``fully_shard`` on CUDA, DDP on CPU (gloo); ``"ddp"`` / ``"fsdp"`` force one.
+    Build the optimizer from ``wrapped.parameters()`` *after* wrapping (FSDP2 replaces the
+    parameters by sharded DTensors).  ``mixed_precision`` (FSDP2 only): bf16 compute, fp32
+    gradient reduction.
+    """
+    policy = PolicyHiddenStates(model)
+    if not is_distributed():
+        return policy
+    device = torch.device(device) if device is not None else \
+        (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    if strategy not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"strategy must be auto, ddp or fsdp, got {strategy!r}")
+    use_fsdp = strategy == "fsdp" or (strategy == "auto" and device.type == "cuda")
+    model.to(device)
+    if use_fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        kw = {}
+        if mixed_precision:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
+        for layer in _decoder_layers(model):
+            fully_shard(layer, **kw)
+        fully_shard(policy, **kw)
+        # one forward through the root now (every rank, token id 0): FSDP2 initialises lazily
+        # at the first forward, and generation later calls the inner layers directly, which
+        # would otherwise each initialise as a root of their own.  The root keeps its
+        # parameters unsharded after a forward: reshard, so that ``policy.parameters()`` (the
+        # optimizer's) are the sharded ones again
+        with torch.no_grad():
+            one = torch.zeros(1, 1, dtype=torch.long, device=device)
+            policy(one, one)
+        policy.reshard()
+        return policy
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(policy, device_ids=ids)
+
+
+@contextlib.contextmanager
+def sync_gradients(wrapped: torch.nn.Module, last: bool):
+    """Gradient accumulation: communicate only on the ``last`` micro-batch of a step.
+
+    DDP: ``no_sync()`` on the others.  FSDP2: ``set_requires_gradient_sync(last)``.
+    Otherwise a no-op.  Every rank must run the same number of micro-batches.
+    """
+    if isinstance(wrapped, DistributedDataParallel):
+        ctx = contextlib.nullcontext() if last else wrapped.no_sync()
+        with ctx:
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):
+        wrapped.set_requires_gradient_sync(last)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def gather_for_generation(wrapped: torch.nn.Module):
+    """Context in which ``unwrap_model(wrapped).generate(...)`` may run.
+
+    FSDP2: every ``fully_shard``-ed module is all-gathered once (``unshard``) and kept
+    unsharded (``set_reshard_after_forward(False)``), so generation runs *no* collectives and
+    ranks may generate different numbers of tokens; resharded on exit.  DDP / single process:
+    nothing to do (the parameters are the model's own).
+    """
+    fsdp_mods = [m for m in wrapped.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    if not fsdp_mods:
+        yield
+        return
+    for m in fsdp_mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp_mods:
+            # back to FSDP2's own settings: inner modules reshard after forward; the root does
+            # not (its lazy init sets that), and must not here since the lm_head weight it
+            # returns is used by the loss after the forward
+            m.set_reshard_after_forward(m is not wrapped, recurse=False)
+            m.reshard()
+
+
+def as_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as a module whose forward gives ``(hidden, lm_head weight)``: the result of
+    :func:`wrap_model` as it is, a plain causal LM wrapped (no copy) on the fly."""
+    if isinstance(model, (PolicyHiddenStates, DistributedDataParallel)):
+        return model
+    return PolicyHiddenStates(model)
+
+
+def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool = False):
+    """``(hidden [L, D], lm_head weight [V, D])`` of a packed micro-batch, the weight in the
+    hidden states' dtype.  ``model``: a causal LM, or the result of :func:`wrap_model` (its
+    forward must run, so that DDP / FSDP2 see it).  ``bf16``: autocast the backbone (CUDA)."""
+    policy = as_policy(model)
+    device = mb.input_ids.device
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        hidden, weight = policy(mb.input_ids, mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                                max_seqlen=mb.max_seqlen)
+    return hidden, weight.to(hidden.dtype)
