@@ -95,7 +95,11 @@ def test_two_processes_equal_one_process(tmp_path, strategy):
     w1, w2 = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert moved > 1e-4 and diff < 1e-5, (moved, diff)
+    # AdamW divides by sqrt(v): the reduction-order noise of summing gradients over two ranks
+    # (~1e-7 relative) grows on elements whose gradients nearly cancel.  Measured in a fresh
+    # environment (transformers 5.25, torch 2.13): diff 1.14e-5 with moved 7.5e-4, for the code
+    # before and after the trainer restructure alike; the per-step metrics agree to 1e-4 rel.
+    assert moved > 1e-4 and diff < 3e-5, (moved, diff)
     # rank 0 wrote the checkpoint (one copy), with both ranks' RNG states
     state = torch.load(two / "checkpoints" / "step-00000002" / "trainer_state.pt", weights_only=False)
     assert len(state["rng"]) == 2
