@@ -175,6 +175,7 @@ def test_answer_short_gold_exact():
     assert ascore(ans("eiffel tower"), "The Eiffel Tower") == 1.0
     assert ascore(ans("three"), "3") == 1.0
     assert ascore(ans("1,000 people"), "1000") == 1.0
+    assert ascore(ans("1000"), 1000) == 1.0  # a non-string gold is its str()
 
 
 def test_answer_short_gold_partial_is_zero():

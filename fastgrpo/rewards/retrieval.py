@@ -309,7 +309,7 @@ def answer_recall(pred: str, golds: Sequence[str]) -> float:
 
 
 def _golds(answer: Any) -> list[str]:
-    return [answer] if isinstance(answer, str) else [str(a) for a in answer]
+    return [str(a) for a in answer] if isinstance(answer, (list, tuple)) else [str(answer)]
 
 
 def answer_step_score(text: str, answer: str | Sequence[str]) -> float:
