@@ -226,7 +226,8 @@ def retrieval_step_reward(
     ``<ret>`` or names a KB outside ``kbs`` (``none`` is always allowed), else
     ``0.5 * similarity(sub_question, reference_query) + 0.5 * [kb == reference_kb]``
     (case-insensitive KB names).  ``kbs``: the configured KB names, one list for
-    all rows or one per row.  ``similarity`` defaults to :func:`lexical_similarity`.
+    all rows or one per row.  ``similarity`` defaults to :func:`lexical_similarity`;
+    its value is used as is (not clipped, as in MoRE).
 
     ``None`` for a row with neither ``reference_query`` nor ``reference_kb`` (not a
     retrieval step); a row with only one of them, or without ``kbs``, raises.
