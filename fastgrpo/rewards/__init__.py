@@ -4,6 +4,7 @@
 * :mod:`.answer` -- final-answer extraction and equivalence.
 * :mod:`.steps` -- soft key-step matching (StepRAR's ``k``) and a rule-based key-step extractor.
 * :mod:`.functions` -- TRL-signature reward functions: StepRAR, StepRVR, accuracy, ``k``.
+* :mod:`.retrieval` -- R1-Router Step-GRPO rewards: retrieval steps, answer recall, step-type dispatch.
 * :mod:`.rewardset` -- named, weighted reward sets with validated outputs.
 
 The StepGRPO reward is ``r = r_acc + r_val`` = ``step_rar + step_rvr``
@@ -35,6 +36,17 @@ from .functions import (
     step_validity,
 )
 from .layout import R1VL_LAYOUT, R1VL_MULTIMODAL_LAYOUT, TAG_LAYOUT, Layout, ParsedSolution, parse
+from .retrieval import (
+    answer_recall_reward,
+    embedding_similarity,
+    lexical_similarity,
+    make_retrieval_step_reward,
+    make_step_type_reward,
+    parse_answer_step,
+    parse_retrieval_step,
+    retrieval_step_reward,
+    step_type_reward,
+)
 from .rewardset import (
     BUILTIN_REWARDS,
     RewardError,
@@ -101,4 +113,14 @@ __all__ = [
     "step_rvr_reward",
     "step_validity",
     "surface_forms",
+    # retrieval (R1-Router)
+    "answer_recall_reward",
+    "embedding_similarity",
+    "lexical_similarity",
+    "make_retrieval_step_reward",
+    "make_step_type_reward",
+    "parse_answer_step",
+    "parse_retrieval_step",
+    "retrieval_step_reward",
+    "step_type_reward",
 ]
