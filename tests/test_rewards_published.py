@@ -255,6 +255,8 @@ def key_steps_variant(row: dict, rng: random.Random):
         ks.append([])  # an empty group never matches
     elif v < 0.5:
         ks.append(["Step 2:"])  # spans a header only inside a body
+    elif v < 0.6 and len(ks) > 1:  # spans the end of step 1 and the start of step 2: "8 8"
+        ks.append([ks[0][0].split()[-1] + rng.choice([" ", "  ", "   "]) + ks[1][0].split()[0]])
     return ks
 
 
@@ -405,6 +407,10 @@ def test_hand_worked_key_step_rules():
     assert R.published_key_step_fraction(note, KS) == pytest.approx(1 / 3)
     # steps are joined with one space: "12 12 + 5" spans steps 1 and 2 (bodies "3 * 4 = 12", "12 + 5 = 17")
     assert R.published_key_step_fraction(FULL, [["= 12 12 + 5"]]) == 1.0
+    # a body keeps its trailing whitespace: "12  " + " " + "12 + 5"
+    spaced = FULL.replace("= 12\n", "= 12  \n")
+    assert R.published_key_step_fraction(spaced, [["= 12 12 + 5"]]) == 0.0
+    assert R.published_key_step_fraction(spaced, [["= 12   12 + 5"]]) == 1.0
     # the R1-VL dataset's {"Steps": [...]} shape, and a group given as a string
     assert R.published_key_step_fraction(FULL, {"Steps": ["3*4=12", ["nope"]]}) == 0.0
     assert R.published_key_step_fraction(FULL, {"Steps": ["3 * 4 = 12", ["nope"]]}) == 0.5
