@@ -411,6 +411,8 @@ def test_hand_worked_key_step_rules():
     spaced = FULL.replace("= 12\n", "= 12  \n")
     assert R.published_key_step_fraction(spaced, [["= 12 12 + 5"]]) == 0.0
     assert R.published_key_step_fraction(spaced, [["= 12   12 + 5"]]) == 1.0
+    # an empty step 1 skips the newline as leading whitespace and takes "### Step 2: X" as its body
+    assert R.published_step_text("### Step 1:\n### Step 2: X\n### Step 3: y") == "### step 2: x y"
     # the R1-VL dataset's {"Steps": [...]} shape, and a group given as a string
     assert R.published_key_step_fraction(FULL, {"Steps": ["3*4=12", ["nope"]]}) == 0.0
     assert R.published_key_step_fraction(FULL, {"Steps": ["3 * 4 = 12", ["nope"]]}) == 0.5

@@ -111,7 +111,9 @@ def published_step_text(text: str) -> str:
     skips leading whitespace (newlines too) and runs lazily to the next ``\\n###``
     (any ``###`` header at a line start, ``####`` too) or the end of the text.  A
     header that does not start a line ends no step, and a step header inside a
-    body is part of that body, not a step of its own.  Bodies are joined with
+    body is part of that body, not a step of its own; an empty step right before
+    a header on the next line takes that header (its newline was skipped as
+    leading whitespace) and what follows as its body.  Bodies are joined with
     one space (trailing whitespace kept), then lower-cased.
     """
     return " ".join(_STEP_BODY_RE.findall(text)).lower()
