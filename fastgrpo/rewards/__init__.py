@@ -4,8 +4,9 @@
 * :mod:`.answer` -- final-answer extraction and equivalence.
 * :mod:`.steps` -- soft key-step matching (StepRAR's ``k``) and a rule-based key-step extractor.
 * :mod:`.functions` -- TRL-signature reward functions: StepRAR, StepRVR, accuracy, ``k``.
+* :mod:`.published` -- StepRAR and StepRVR exactly as R1-VL's published code computes them.
 * :mod:`.retrieval` -- R1-Router Step-GRPO rewards: retrieval steps, answer recall, step-type dispatch.
-* :mod:`.rewardset` -- named, weighted reward sets with validated outputs.
+* :mod:`.rewardset` -- named, weighted reward sets with validated outputs, built from a spec string.
 
 The StepGRPO reward is ``r = r_acc + r_val`` = ``step_rar + step_rvr``
 (see :func:`default_reward_set`); StepRAR already contains the accuracy.
@@ -36,6 +37,15 @@ from .functions import (
     step_validity,
 )
 from .layout import R1VL_LAYOUT, R1VL_MULTIMODAL_LAYOUT, TAG_LAYOUT, Layout, ParsedSolution, parse
+from .published import (
+    published_answer_text,
+    published_correct,
+    published_key_step_fraction,
+    published_step_rar_reward,
+    published_step_rvr_reward,
+    published_step_text,
+    published_valid,
+)
 from .retrieval import (
     answer_recall_reward,
     embedding_similarity,
@@ -55,6 +65,7 @@ from .rewardset import (
     default_reward_set,
     function_name,
     load_reward_function,
+    reward_set_from_spec,
 )
 from .steps import coerce_key_steps, extract_key_steps, key_step_fraction, matched_groups, normalize_math, soft_form, surface_forms
 
@@ -63,10 +74,12 @@ def clear_caches() -> None:
     """Drop the memoised parses and answer comparisons (for benchmarks)."""
     from . import answer as _a
     from . import layout as _l
+    from . import published as _p
     from . import steps as _s
 
     _l.clear_cache()
     _a.clear_cache()
+    _p.clear_cache()
     _s._hay.cache_clear()
     _s._needle.cache_clear()
 
@@ -107,6 +120,14 @@ __all__ = [
     "soft_form",
     "parse",
     "parse_number",
+    "published_answer_text",
+    "published_correct",
+    "published_key_step_fraction",
+    "published_step_rar_reward",
+    "published_step_rvr_reward",
+    "published_step_text",
+    "published_valid",
+    "reward_set_from_spec",
     "set_backend",
     "step_k",
     "step_rar_reward",

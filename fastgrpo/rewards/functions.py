@@ -17,6 +17,9 @@ contains the answer accuracy:
 * :func:`step_rar_reward` -- paper form (default): ``1 + alpha*k`` if the final
   answer is correct, ``alpha*k`` if an answer is present but wrong, ``0``
   without an answer; code form (``form="code"``): ``1[correct] + alpha*k``.
+  Both read fastgrpo's parser; :mod:`.published` has StepRAR and StepRVR
+  exactly as R1-VL's published code computes them (builtins ``step_rar_code``,
+  ``step_rvr_code``).
 * :func:`step_rvr_reward` -- ``1`` if complete and logical, else ``0``.
 * :func:`accuracy_reward` -- ``1[correct]`` (for logging; already in StepRAR).
 * :func:`step_k` -- the matched key-step fraction ``k`` (for logging).

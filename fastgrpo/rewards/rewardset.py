@@ -1,10 +1,18 @@
-"""Named, weighted reward functions evaluated together, with clear errors."""
+"""Named, weighted reward functions evaluated together, with clear errors.
+
+A set can be built from a spec string with :func:`reward_set_from_spec`
+(``"step_rar,step_rvr"``, ``"accuracy"``, ``"step_rar=1,step_rvr=0.5,mymod:fn=2"``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import math
 import numbers
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +27,7 @@ from .functions import (
     step_rvr_reward,
 )
 from .layout import R1VL_LAYOUT, Layout
+from .published import published_step_rar_reward, published_step_rvr_reward
 
 __all__ = [
     "RewardError",
@@ -28,6 +37,7 @@ __all__ = [
     "load_reward_function",
     "default_reward_set",
     "function_name",
+    "reward_set_from_spec",
 ]
 
 RewardFn = Callable[..., Sequence]
@@ -38,6 +48,18 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "step_rar": step_rar_reward,
     "step_rvr": step_rvr_reward,
     "step_k": step_k,
+    # R1-VL's published accuracy_reward / validity_reward (see .published)
+    "step_rar_code": published_step_rar_reward,
+    "step_rvr_code": published_step_rvr_reward,
+}
+
+#: builtins that read a layout: name -> factory taking ``layout=`` and ``name=``
+#: (the published-code rewards read their fixed headers whatever the layout).
+_LAYOUT_FACTORIES: dict[str, Callable[..., RewardFn]] = {
+    "accuracy": make_accuracy_reward,
+    "step_rar": make_step_rar_reward,
+    "step_rvr": make_step_rvr_reward,
+    "step_k": make_step_k,
 }
 
 
@@ -267,8 +289,13 @@ class RewardSet:
 
 
 def load_reward_function(spec: str | RewardFn) -> RewardFn:
-    """Resolve ``"package.module:function"`` (or a builtin name such as
-    ``"step_rar"``) to a callable; a callable is returned unchanged."""
+    """Resolve a spec to a callable; a callable is returned unchanged.
+
+    A spec is a builtin name (``"step_rar"``, see :data:`BUILTIN_REWARDS`),
+    ``"package.module:function"`` or ``"path/to/file.py:function"`` (a file
+    ending in ``.py``, relative to the working directory; it is executed as a
+    module of its own).  ``function`` may be dotted (``"mod:Class.method"``).
+    """
     if callable(spec) and not isinstance(spec, str):
         return spec
     if not isinstance(spec, str):
@@ -282,13 +309,10 @@ def load_reward_function(spec: str | RewardFn) -> RewardFn:
             f"({', '.join(sorted(BUILTIN_REWARDS))})",
             function=spec,
         )
-    mod_name, _, attr = s.partition(":")
+    mod_name, _, attr = s.rpartition(":")  # the last ':' (a Windows path has others)
     if not mod_name or not attr:
         raise RewardError(f"reward function spec {spec!r} must look like 'module:function'", function=spec)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise RewardError(f"cannot import module {mod_name!r} for reward function {spec!r}: {e}", function=spec) from e
+    mod = _load_file(mod_name, spec) if mod_name.endswith(".py") else _import(mod_name, spec)
     obj: Any = mod
     for part in attr.split("."):
         try:
@@ -298,6 +322,101 @@ def load_reward_function(spec: str | RewardFn) -> RewardFn:
     if not callable(obj):
         raise RewardError(f"{spec!r} is not callable ({type(obj).__name__})", function=spec)
     return obj
+
+
+def _import(mod_name: str, spec: str):
+    try:
+        return importlib.import_module(mod_name)
+    except ImportError as e:
+        raise RewardError(f"cannot import module {mod_name!r} for reward function {spec!r}: {e}", function=spec) from e
+
+
+def _load_file(path: str, spec: str):
+    """Execute ``path`` as a module named after its absolute path (so that two
+    files of the same name do not collide), registered in ``sys.modules``."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise RewardError(f"no file {path!r} for reward function {spec!r}", function=spec)
+    stem = os.path.splitext(os.path.basename(full))[0]
+    name = f"_fastgrpo_reward_{stem}_{hashlib.sha1(full.encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    file_spec = importlib.util.spec_from_file_location(name, full)
+    mod = importlib.util.module_from_spec(file_spec)
+    sys.modules[name] = mod
+    try:
+        file_spec.loader.exec_module(mod)
+    except Exception as e:
+        del sys.modules[name]
+        raise RewardError(f"loading {path!r} for reward function {spec!r} failed: {type(e).__name__}: {e}", function=spec) from e
+    return mod
+
+
+def reward_set_from_spec(spec: str | Sequence[str], layout: Layout | None = None) -> RewardSet:
+    """A :class:`RewardSet` from ``"name[=weight],..."`` (or a list of such entries).
+
+    Each name is a builtin (:data:`BUILTIN_REWARDS`: ``accuracy``, ``step_rar``,
+    ``step_rvr``, ``step_k``, and ``step_rar_code`` / ``step_rvr_code``, R1-VL's
+    published-code rewards) or ``module:function`` / ``path/to/file.py:function``.
+    A weight is a finite number (default 1).  The set holds exactly the entries
+    given, keyed by the builtin's name or the function's ``__name__``:
+
+    * ``"accuracy"`` -- outcome-only GRPO;
+    * ``"step_rar,step_rvr"`` -- StepGRPO, the total of :func:`default_reward_set`
+      (``"step_rar,step_rvr,accuracy=0,step_k=0"`` is that set exactly,
+      logging-only members included);
+    * ``"step_rar_code,step_rvr_code"`` -- the published R1-VL reward;
+    * ``"step_rar=1,step_rvr=0.5,mymod:fn=2"``.
+
+    ``layout`` (default :data:`~fastgrpo.rewards.layout.R1VL_LAYOUT`) is given to
+    the builtins that read one.  Raises :class:`RewardError` naming the entry for
+    an empty spec or entry, an unknown name, a weight that is not a finite
+    number, a name given twice, or a function that cannot be loaded.
+    """
+    entries = spec.split(",") if isinstance(spec, str) else list(spec)
+    if not entries or all(isinstance(e, str) and not e.strip() for e in entries):
+        raise RewardError(f"empty reward spec {spec!r}; give e.g. 'step_rar,step_rvr'")
+    funcs: dict[str, RewardFn] = {}
+    weights: dict[str, float] = {}
+    source: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise RewardError(f"reward spec entry {entry!r} is not a string (in {spec!r})")
+        name, eq, w = entry.partition("=")
+        name = name.strip()
+        if not name:
+            raise RewardError(f"empty reward spec entry {entry!r} in {spec!r}")
+        weight = _spec_weight(w, entry, spec) if eq else 1.0
+        if ":" in name:
+            try:
+                f = load_reward_function(name)
+            except RewardError as e:
+                raise RewardError(f"reward spec entry {entry!r}: {e}", function=name) from e
+            key = function_name(f)
+        elif name in BUILTIN_REWARDS:
+            factory = _LAYOUT_FACTORIES.get(name)
+            f = factory(layout=R1VL_LAYOUT if layout is None else layout, name=name) if factory else BUILTIN_REWARDS[name]
+            key = name
+        else:
+            raise RewardError(
+                f"unknown reward {name!r} in spec entry {entry!r}; builtins: {', '.join(BUILTIN_REWARDS)}, "
+                "or 'module:function' / 'path/to/file.py:function'",
+                function=name,
+            )
+        if key in funcs:
+            raise RewardError(f"reward {key!r} given twice in spec {spec!r} (entries {source[key]!r} and {entry!r})", function=key)
+        funcs[key], weights[key], source[key] = f, weight, entry
+    return RewardSet(funcs, weights)
+
+
+def _spec_weight(text: str, entry: str, spec: Any) -> float:
+    try:
+        w = float(text)
+    except ValueError:
+        raise RewardError(f"weight {text.strip()!r} of reward spec entry {entry!r} is not a number (in {spec!r})") from None
+    if not math.isfinite(w):
+        raise RewardError(f"weight {text.strip()!r} of reward spec entry {entry!r} is not finite (in {spec!r})")
+    return w
 
 
 def default_reward_set(
