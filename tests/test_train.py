@@ -172,6 +172,27 @@ def test_custom_reward_and_jsonl_data(tok, tmp_path, monkeypatch):
     assert m["reward/mean"] == pytest.approx(0.5 * m["rewards/length_reward/mean"], abs=1e-6)
 
 
+def test_rewards_option_replaces_the_set(tok, tmp_path, monkeypatch):
+    """--rewards picks the training reward (outcome-only GRPO here, plus a weighted file
+    function); accuracy / step_rvr / step_k are still logged, with weight 0."""
+    (tmp_path / "lenrew.py").write_text(
+        "def length_reward(prompts, completions, **kw):\n"
+        "    return [len(c) / 100 for c in completions]\n")
+    train, evals = make_splits(seed=5, n_train=6, n_eval=2)
+    write_jsonl(train, tmp_path / "train.jsonl")
+    cfg = parse_args(["--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+                      "--max-new-tokens", "8", "--train-file", str(tmp_path / "train.jsonl"),
+                      "--out-dir", str(tmp_path / "o"), "--no-plot", "--no-save", "--no-progress",
+                      "--rewards", f"accuracy=2,{tmp_path / 'lenrew.py'}:length_reward=0.25",
+                      "--no-mask-truncated", "--eval-size", "1"])
+    m = run(cfg, _tiny(tok), tok)["last"]
+    assert {"rewards/accuracy/mean", "rewards/step_rvr/mean", "rewards/step_k/mean",
+            "rewards/length_reward/mean"} <= set(m)
+    assert "rewards/step_rar/mean" not in m
+    expected = 2 * m["rewards/accuracy/mean"] + 0.25 * m["rewards/length_reward/mean"]
+    assert m["reward/mean"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_lr_schedule():
     cfg = TrainConfig(lr=1.0, warmup_steps=2, steps=12, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg) for s in range(12)]
@@ -185,6 +206,8 @@ def test_lr_schedule():
     (["--group-size", "1"], "invalid --group-size 1: must be >= 2"),
     (["--loss-type", "ppo"], "invalid --loss-type 'ppo': unknown loss type; choose one of grpo"),
     (["--reward", "nocolon"], "invalid --reward 'nocolon'"),
+    (["--rewards", "accuracy,stepgrpo"], "invalid --rewards 'accuracy,stepgrpo': unknown reward 'stepgrpo'"),
+    (["--rewards", "accuracy=inf"], "invalid --rewards 'accuracy=inf'"),
     (["--save-every", "-1"], "invalid --save-every -1: must be >= 0"),
     (["--keep-last", "0"], "invalid --keep-last 0: must be >= 1"),
     (["--dp-strategy", "zero3"], "invalid --dp-strategy 'zero3': choose one of auto, ddp, fsdp"),

@@ -261,30 +261,8 @@ def _shared_free_state_dict(state: dict[str, torch.Tensor], model) -> dict[str, 
 # ----------------------------------------------------------------------------- save
 
 
-def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    extra: dict | None = None, *, keep_last: int | None = None,
-                    rng_states: list[dict] | None = None, write: bool = True,
-                    allow_non_finite: bool = False) -> Path | None:
-    """Atomically write ``run_dir/checkpoints/step-{step:08d}/``; returns its path.
-
-    Args:
-        step: completed optimizer steps (the resumed loop starts at this step index).
-        model: the unwrapped model (a DDP wrapper is unwrapped; FSDP2 is gathered).
-        optimizer, scheduler: anything with ``state_dict()`` / ``load_state_dict()``, or None.
-        extra: picklable training state (data position, config, ...); ``extra["step"]`` is set.
-        keep_last: when given, ``prune(run_dir, keep_last)`` runs after the save.
-        rng_states: per-rank RNG states (``distributed.gather_rng_states()``); default: this
-            process's ``capture_rng_state()``.
-        write: False on non-zero ranks of an FSDP2 run (they join the gathering only).
-        allow_non_finite: write even when a parameter is NaN/inf (default: refuse).
-
-    An existing checkpoint of the same step is replaced (the old one is moved aside first,
-    so a valid checkpoint exists at every instant).
-    """
-    step = int(step)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    model = unwrap_model(model)
+def _full_state_dicts(model, optimizer) -> tuple[dict, dict | None]:
+    """Model and optimizer state dicts; under FSDP2 gathered in full (a collective)."""
     if _is_distributed_tensor_model(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -292,21 +270,17 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
             get_optimizer_state_dict,
         )
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(model, options=opts)
         optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer else None
-    else:
-        model_sd = model.state_dict()
-        optim_sd = optimizer.state_dict() if optimizer is not None else None
-    if not write:
-        return None
-    if not allow_non_finite:
-        for k, t in model_sd.items():
-            if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
-                raise NonFiniteLossError(
-                    f"refusing to save checkpoint at step {step}: parameter {k!r} is not finite "
-                    f"(the last valid checkpoint stays the newest)", step=step)
+        return get_model_state_dict(model, options=opts), optim_sd
+    return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
 
-    root = _ckpt_root(run_dir)
+
+def _write_atomically(root: Path, step: int, tensors: dict, state: dict) -> Path:
+    """Write ``root/step-N/`` (weights, trainer state, manifest with sizes and sha256) into a
+    temporary directory, fsync it, then rename it into place; an existing checkpoint of the
+    same step is moved aside first, so a valid checkpoint exists at every instant."""
+    from safetensors.torch import save_file
+
     root.mkdir(parents=True, exist_ok=True)
     final = root / _step_name(step)
     tmp = root / f".tmp-{_step_name(step)}-{os.getpid()}"
@@ -314,20 +288,7 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        from safetensors.torch import save_file
-        tensors = _shared_free_state_dict(model_sd, model)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-        extra = dict(extra or {})
-        extra["step"] = step
-        state = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "optimizer": optim_sd,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_states if rng_states is not None else [capture_rng_state()],
-            "extra": extra,
-            "time": time.time(),
-        }
         torch.save(state, tmp / STATE_FILE)
         files = {}
         for name in (MODEL_FILE, STATE_FILE):
@@ -355,6 +316,52 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    extra: dict | None = None, *, keep_last: int | None = None,
+                    rng_states: list[dict] | None = None, write: bool = True,
+                    allow_non_finite: bool = False) -> Path | None:
+    """Atomically write ``run_dir/checkpoints/step-{step:08d}/``; returns its path.
+
+    Args:
+        step: completed optimizer steps (the resumed loop starts at this step index).
+        model: the unwrapped model (a DDP wrapper is unwrapped; FSDP2 is gathered).
+        optimizer, scheduler: anything with ``state_dict()`` / ``load_state_dict()``, or None.
+        extra: picklable training state (data position, config, ...); ``extra["step"]`` is set.
+        keep_last: when given, ``prune(run_dir, keep_last)`` runs after the save.
+        rng_states: per-rank RNG states (``distributed.gather_rng_states()``); default: this
+            process's ``capture_rng_state()``.
+        write: False on non-zero ranks of an FSDP2 run (they join the gathering only).
+        allow_non_finite: write even when a parameter is NaN/inf (default: refuse).
+
+    An existing checkpoint of the same step is replaced (the old one is moved aside first,
+    so a valid checkpoint exists at every instant).
+    """
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    model = unwrap_model(model)
+    model_sd, optim_sd = _full_state_dicts(model, optimizer)
+    if not write:
+        return None
+    if not allow_non_finite:
+        for k, t in model_sd.items():
+            if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
+                raise NonFiniteLossError(
+                    f"refusing to save checkpoint at step {step}: parameter {k!r} is not finite "
+                    f"(the last valid checkpoint stays the newest)", step=step)
+    state = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "optimizer": optim_sd,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_states if rng_states is not None else [capture_rng_state()],
+        "extra": {**(extra or {}), "step": step},
+        "time": time.time(),
+    }
+    final = _write_atomically(_ckpt_root(run_dir), step, _shared_free_state_dict(model_sd, model), state)
     log.info("saved checkpoint %s", final)
     if keep_last is not None:
         prune(run_dir, keep_last)

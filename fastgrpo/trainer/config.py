@@ -80,7 +80,11 @@ class TrainConfig:
     importance_sampling_level: str = _f("token", "importance ratio level: token | sequence (GSPO)")
     backend: str = _f("auto", "fused kernel backend: " + " | ".join(BACKENDS))
     # rewards and advantages
-    reward: list = _f([], "extra reward 'module:function[=weight]' (TRL signature); repeatable")
+    rewards: str = _f("", "the reward set, replacing the default StepRAR + StepRVR: comma-separated "
+                          "name[=weight], each a built-in (accuracy, step_rar, step_rvr, step_k, "
+                          "step_rar_code, step_rvr_code) or module:function / file.py:function; "
+                          "e.g. 'accuracy' (outcome-only GRPO), 'step_rar,step_rvr' (StepGRPO)")
+    reward: list = _f([], "extra reward 'module:function[=weight]' (TRL signature) added to the set; repeatable")
     scale_rewards: str = _f("group", "advantage scaling: group | batch | none")
     drop_zero_std_groups: bool = _f(True, "skip groups whose rewards are all equal (no signal)")
     mask_truncated: bool = _f(True, "exclude completions that hit --max-new-tokens from the loss")
@@ -148,6 +152,12 @@ class TrainConfig:
             from fastgrpo.trainer.presets import PRESETS
             if self.preset not in PRESETS:
                 bad("preset", f"unknown preset; choose one of {', '.join(sorted(PRESETS))}")
+        if self.rewards:
+            from fastgrpo.rewards import RewardError, reward_set_from_spec
+            try:
+                reward_set_from_spec(self.rewards)
+            except RewardError as e:
+                raise ConfigError(f"invalid --rewards {self.rewards!r}: {e}") from None
         for spec in self.reward:
             if not isinstance(spec, str) or ":" not in spec.split("=")[0]:
                 raise ConfigError(f"invalid --reward {spec!r}: expected 'module:function[=weight]'")

@@ -53,7 +53,8 @@ from typing import Callable
 import torch
 
 from fastgrpo.ops.advantages import constant_groups, group_advantages
-from fastgrpo.rewards import TAG_LAYOUT, RewardResult, RewardSet, default_reward_set, load_reward_function
+from fastgrpo.rewards import (TAG_LAYOUT, RewardResult, RewardSet, default_reward_set,
+                              load_reward_function, reward_set_from_spec)
 from fastgrpo.tasks.arithmetic import make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl
 from fastgrpo.tasks.tokenizer import encode_prompt
@@ -94,10 +95,17 @@ def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
 
 
 def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
-    """The default StepGRPO set (in ``layout``; default R1-VL ``### Step k:``) plus
-    ``--reward module:function[=weight]`` extras."""
-    base = default_reward_set() if layout is None else default_reward_set(layout=layout)
+    """The reward set: ``--rewards`` when given, else the default StepGRPO set (in ``layout``;
+    default R1-VL ``### Step k:``), plus ``--reward module:function[=weight]`` extras.
+
+    ``accuracy``, ``step_rvr`` and ``step_k`` are always computed (weight 0 when the set lacks
+    them): the logs and the held-out evaluation read them, whatever the training reward."""
+    default = default_reward_set() if layout is None else default_reward_set(layout=layout)
+    base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
     funcs, weights = dict(base.funcs), dict(base.weights)
+    for name in ("accuracy", "step_rvr", "step_k"):
+        if name not in funcs:
+            funcs[name], weights[name] = default.funcs[name], 0.0
     for spec in cfg.reward:
         target, _, w = spec.partition("=")
         fn = load_reward_function(target)
