@@ -23,7 +23,7 @@ import threading
 import pytest
 
 import fastgrpo.rewards as R
-from fastgrpo.task import make_splits
+from fastgrpo.tasks.arithmetic import make_splits
 
 math_verify = pytest.importorskip("math_verify")
 from math_verify import parse, verify  # noqa: E402
