@@ -83,6 +83,7 @@ def _import_openrlhf():
             bare.__path__ = [os.path.join(os.path.dirname(openrlhf.trainer.__file__), "ray")]
             sys.modules["openrlhf.trainer.ray"] = bare
         from openrlhf.models.loss import PolicyLoss, aggregate_loss
+        from openrlhf.models.utils import compute_approx_kl
         from openrlhf.trainer.ppo_utils.experience import Experience
         from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
         from openrlhf.utils.loss_utils import iter_grad_accum_global_norm
@@ -92,6 +93,7 @@ def _import_openrlhf():
         for name in stubbed:
             sys.modules.pop(name, None)
     return types.SimpleNamespace(PolicyLoss=PolicyLoss, aggregate_loss=aggregate_loss,
+                                 compute_approx_kl=compute_approx_kl,
                                  Experience=Experience,
                                  ActorPPOTrainer=ActorPPOTrainer,
                                  iter_grad_accum_global_norm=iter_grad_accum_global_norm), None
@@ -466,3 +468,37 @@ def test_openrlhf_gspo_ignores_token_level_loss():
                                  policy_loss_type="gspo", token_level_loss=False)
     assert float(l1) == float(l2)
     assert ORL.PolicyLoss(policy_loss_type="gspo", token_level_loss=True).token_level_loss is False
+
+
+@needs_openrlhf
+@pytest.mark.parametrize("option", list(ORL_OPTIONS))
+def test_openrlhf_policy_loss_called_without_batch_totals(option):
+    """``PolicyLoss`` / ``aggregate_loss`` called bare (no dp_size / batch_num_tokens /
+    global_batch_size, as a custom actor would): a masked token mean, or a mean over the
+    NON-EMPTY rows' sequence means; KL and entropy token means (training_step's composition).
+    The adapter called without totals matches, empty action row included."""
+    o = {**dict(token_level=True, ptype="ppo", dual_clip=None, ent_coef=0.0, kl_coef=0.0),
+         **ORL_OPTIONS[option]}
+    case = _Case(seed=53 + len(option), far=True, lengths=[5, 0, 6, 2, 0])
+    h, w = case.leaves32()
+    h64, w64 = case.leaves64()
+    amask = case.mask.bool()
+    logp, out = _FakeModel(h64, w64)(case.ids, amask)
+    loss_fn = ORL.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=o["dual_clip"],
+                             token_level_loss=o["token_level"], policy_loss_type=o["ptype"])
+    ref_loss = loss_fn(logp, case.old.double() * amask, case.adv.double(), action_mask=amask)[0]
+    kl = ORL.compute_approx_kl(logp, case.ref.double() * amask, kl_estimator="k3")
+    ref_loss = ref_loss + o["kl_coef"] * ORL.aggregate_loss(kl, amask)
+    ref_loss = ref_loss - o["ent_coef"] * ORL.aggregate_loss(out.entropy[:, -case.r:], amask)
+    ref_loss.backward()
+    loss, _ = openrlhf_policy_loss(h, w, case.ids, amask, case.adv, case.old, case.ref,
+                                   clip_eps_low=0.2, clip_eps_high=0.28,
+                                   dual_clip=o["dual_clip"], token_level_loss=o["token_level"],
+                                   policy_loss_type=o["ptype"], kl_coef=o["kl_coef"],
+                                   entropy_coef=o["ent_coef"])
+    loss.backward()
+    scale = ORL.aggregate_loss(torch.ones(case.b, case.r, dtype=torch.float64), amask,
+                               token_level_loss=loss_fn.token_level_loss)
+    _close(loss, ref_loss, "loss", scale)
+    _close(h.grad, h64.grad, "d hidden")
+    _close(w.grad, w64.grad, "d lm_head weight")
