@@ -23,7 +23,8 @@ while openrlhf is imported, then removed from ``sys.modules``.  ``openrlhf.train
 ``ppo_actor`` submodule (which does not need vLLM) imports.
 
 Run (peers installed per .ci/peers-requirements.txt): ``python -m pytest
-tests/test_peers_real.py -q``.  Skipped when verl / openrlhf are not importable.
+tests/test_peers_real.py -q``.  Skipped when verl / openrlhf are not importable, unless
+``FASTGRPO_REQUIRE_PEERS=1`` (CI's peers environment), which turns that into an error.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def _import_openrlhf():
 
 VERL, VERL_SKIP = _import_verl()
 ORL, ORL_SKIP = _import_openrlhf()
+if os.environ.get("FASTGRPO_REQUIRE_PEERS") and (VERL is None or ORL is None):
+    # CI's peers venv: a broken install must fail, not skip
+    raise ImportError(f"FASTGRPO_REQUIRE_PEERS is set: {VERL_SKIP or ''} {ORL_SKIP or ''}")
 needs_verl = pytest.mark.skipif(VERL is None, reason=VERL_SKIP or "")
 needs_openrlhf = pytest.mark.skipif(ORL is None, reason=ORL_SKIP or "")
 
