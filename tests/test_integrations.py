@@ -336,7 +336,7 @@ def _verl_reference(logp, old, ref, adv, mask, mode, cl, ch, c, ent, ent_coef, k
             return ((x * m).sum(-1) / m.sum(-1)).mean()
         if mode == "seq-mean-token-sum":
             return (x * m).sum(-1).mean()
-        return (x * m).sum() / m.shape[-1]
+        return (x * m).sum() / (m.sum(-1) > 0).sum() / m.shape[-1]   # verl >= 0.8
     a = adv[:, None].expand_as(logp)
     ratio = torch.exp(torch.clamp(logp - old, -20, 20))
     l1, l2 = -a * ratio, -a * torch.clamp(ratio, 1 - cl, 1 + ch)
@@ -409,7 +409,11 @@ def test_openrlhf_policy_loss_matches_policy_loss():
         l2, m2 = policy_loss(h[:, -a - 1:-1], w, y[:, -a:], adv, mask=amask, old_logp=old[:, -a:],
                              ref_logp=ref[:, -a:], epsilon_low=0.2, epsilon_high=0.3, delta=3.0,
                              beta=0.01, loss_type="bnpo" if token_level else "grpo",
-                             importance_sampling_level="sequence" if gspo else "token")
+                             importance_sampling_level="sequence" if gspo else "token",
+                             kl_clamp=10.0,    # OpenRLHF: KL/entropy token means, k3 <= 10
+                             kl_entropy_normalizer=None if token_level else float(amask.sum()),
+                             num_items_in_batch=None if token_level    # non-empty rows only
+                             else float((amask.sum(-1) > 0).sum()))
         assert float(l1.detach()) == float(l2.detach()) and m1 == m2
     with pytest.raises(ValueError, match="policy_loss_type"):
         openrlhf_policy_loss(h, w, seqs, amask, adv, policy_loss_type="reinforce")

@@ -25,12 +25,11 @@ from fastgrpo.ops.loss import grpo_loss
 __all__ = ["policy_loss", "backbone_hidden_states", "lm_head_weight", "verl_policy_loss",
            "openrlhf_policy_loss", "VERL_LOSS_AGG_MODES"]
 
-# verl's ``actor.loss_agg_mode`` -> (fastgrpo loss_type, normalizer) with verl's ``agg_loss``
-# arithmetic: token mean; mean of sequence means; mean of sequence sums (/ B);
-# sum of sequence sums / R (R = the response tensor's width)
-VERL_LOSS_AGG_MODES = {"token-mean": ("bnpo", None), "seq-mean-token-mean": ("grpo", None),
-                       "seq-mean-token-sum": ("dr_grpo", "batch"),
-                       "seq-mean-token-sum-norm": ("dr_grpo", "width")}
+# verl's ``actor.loss_agg_mode`` -> fastgrpo loss type; the normalizer (``num_items_in_batch``)
+# is verl 0.9.1's ``agg_loss`` denominator (``_verl_normalizer``): token count; none (sum);
+# non-empty sequences; non-empty sequences x ``loss_scale_factor`` (default: the response width).
+VERL_LOSS_AGG_MODES = {"token-mean": "bnpo", "token-sum": "bnpo", "seq-mean-token-mean": "grpo",
+                       "seq-mean-token-sum": "dr_grpo", "seq-mean-token-sum-norm": "dr_grpo"}
 
 
 def policy_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
@@ -51,57 +50,141 @@ def policy_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: tor
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
+def _reject(loss_kwargs, **instead):
+    for name, use in instead.items():
+        if name in loss_kwargs:
+            raise TypeError(f"{name} is set by this adapter; use {use}")
+
+
+def _count(x, what):
+    """A batch total given by the framework (int, float or 0-d tensor) as a float."""
+    x = float(x)
+    if not x > 0:
+        raise ValueError(f"{what} must be > 0, got {x!r}")
+    return x
+
+
+def _verl_normalizer(mode, mask, dp_size, batch_num_tokens, global_batch_size,
+                     loss_scale_factor):
+    """verl 0.9.1 ``agg_loss``'s denominator D: its loss is the loss type's numerator / D.
+
+    token-mean ``masked_sum / batch_num_tokens * dp_size``; token-sum ``masked_sum * dp_size``;
+    seq-mean-* ``sum_i seq_loss_i / global_batch_size * dp_size`` (``/ loss_scale_factor``, default
+    the response width, for -norm).  Left ``None`` (single process), the totals are this call's:
+    its scored tokens, its non-empty sequences.
+    """
+    if mode == "token-sum":
+        return 1.0 / dp_size
+    if mode == "token-mean":
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+            return max(float(mask.sum()), 1.0)
+        return _count(batch_num_tokens, "batch_num_tokens") / dp_size
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        n = max(float((mask.sum(-1) > 0).sum()), 1.0)
+    else:
+        n = _count(global_batch_size, "global_batch_size") / dp_size
+    if mode == "seq-mean-token-sum-norm":
+        n *= mask.shape[-1] if loss_scale_factor is None else _count(loss_scale_factor,
+                                                                     "loss_scale_factor")
+    return n
+
+
 def verl_policy_loss(hidden, lm_head_weight, responses, response_mask, advantages,
                      old_log_prob=None, ref_log_prob=None, *, loss_agg_mode="token-mean",
-                     clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                     entropy_coeff=0.0, kl_loss_coef=0.0, temperature=1.0, **loss_kwargs):
-    """verl's actor names -> ``policy_loss``.
+                     loss_mode="vanilla", clip_ratio_low=0.2, clip_ratio_high=0.2,
+                     clip_ratio_c=3.0, entropy_coeff=0.0, kl_loss_coef=0.0, kl_clamp=10.0,
+                     temperature=1.0, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                     loss_scale_factor=None, **loss_kwargs):
+    """verl (0.9.1) ``ppo_loss`` names -> ``policy_loss``.
 
     ``hidden`` is the backbone's output for the whole ``input_ids`` ``[B, P + R, D]`` (prompt
     then response, as verl's actor feeds them); the ``R = responses.size(1)`` states that
-    predict the response are sliced here.  ``loss_agg_mode`` maps to a loss type and
-    normalizer reproducing verl's ``agg_loss`` (``VERL_LOSS_AGG_MODES``; the KL and entropy
-    terms are aggregated the same way, as verl does), ``clip_ratio_c``
-    is the dual-clip bound, ``kl_loss_coef`` weights the k3 KL (verl's ``low_var_kl``, without
-    its +-10 clamp) against ``ref_log_prob``.
+    predict the response are sliced here.  ``loss_agg_mode`` (``VERL_LOSS_AGG_MODES``) and the
+    batch totals ``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
+    ``loss_scale_factor`` reproduce verl's ``agg_loss`` exactly; the policy, KL and entropy
+    terms are all aggregated that way, as verl's ``ppo_loss`` does.  verl's engine gives every
+    micro-batch of a mini-batch the mini-batch's totals (``data["batch_num_tokens"]``: its
+    scored tokens over all ranks; ``data["global_batch_size"]``: ``ppo_mini_batch_size *
+    rollout.n``; ``data["dp_size"]``; ``config.loss_scale_factor``) and calls ``backward`` on
+    each micro-batch's loss undivided: pass them the same way (``**config.global_batch_info``
+    fits).  Left ``None`` they are this call's own totals.
+
+    ``loss_mode`` ``"vanilla"`` (dual clip at ``clip_ratio_c``) or ``"gspo"`` (sequence-level
+    ratio, no dual clip).  ``kl_loss_coef`` weights the k3 KL (verl's ``low_var_kl``) against
+    ``ref_log_prob``, capped at ``kl_clamp`` per token (verl's 10; ``None``: no cap).
     """
     if loss_agg_mode not in VERL_LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {tuple(VERL_LOSS_AGG_MODES)}, got "
                          f"{loss_agg_mode!r}")
-    b, r = responses.shape
-    loss_type, norm = VERL_LOSS_AGG_MODES[loss_agg_mode]
-    if norm is not None:
-        loss_kwargs.setdefault("num_items_in_batch", b if norm == "batch" else r)
+    if loss_mode not in ("vanilla", "gspo"):
+        raise ValueError(f"loss_mode must be 'vanilla' or 'gspo', got {loss_mode!r}")
+    _reject(loss_kwargs, num_items_in_batch="batch_num_tokens / global_batch_size / dp_size",
+            importance_sampling_level="loss_mode='gspo'", delta="clip_ratio_c")
+    r = responses.size(1)
+    norm = _verl_normalizer(loss_agg_mode, torch.as_tensor(response_mask).bool(), dp_size,
+                            batch_num_tokens, global_batch_size, loss_scale_factor)
+    gspo = loss_mode == "gspo"
     return policy_loss(hidden[:, -r - 1:-1], lm_head_weight, responses, advantages,
                        mask=response_mask, old_logp=old_log_prob,
-                       ref_logp=ref_log_prob if kl_loss_coef else None, loss_type=loss_type,
-                       epsilon_low=clip_ratio_low,
-                       epsilon_high=clip_ratio_high, delta=clip_ratio_c,
-                       entropy_coef=entropy_coeff, beta=kl_loss_coef, temperature=temperature,
+                       ref_logp=ref_log_prob if kl_loss_coef else None,
+                       loss_type=VERL_LOSS_AGG_MODES[loss_agg_mode], num_items_in_batch=norm,
+                       importance_sampling_level="sequence" if gspo else "token",
+                       epsilon_low=clip_ratio_low, epsilon_high=clip_ratio_high,
+                       delta=None if gspo else clip_ratio_c, entropy_coef=entropy_coeff,
+                       beta=kl_loss_coef, kl_clamp=kl_clamp, temperature=temperature,
                        **loss_kwargs)
 
 
 def openrlhf_policy_loss(hidden, lm_head_weight, sequences, action_mask, advantages,
                          old_log_probs=None, ref_log_probs=None, *, clip_eps_low=0.2,
                          clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
-                         policy_loss_type="ppo", kl_coef=0.0, temperature=1.0, **loss_kwargs):
-    """OpenRLHF's ``PolicyLoss`` / actor names -> ``policy_loss``.
+                         policy_loss_type="ppo", kl_coef=0.0, entropy_coef=0.0, kl_clamp=10.0,
+                         temperature=1.0, dp_size=1, batch_num_tokens=None,
+                         global_batch_size=None, **loss_kwargs):
+    """OpenRLHF (0.11.2) ``PolicyLoss`` + actor ``training_step`` names -> ``policy_loss``.
 
     ``hidden`` is the backbone's output for ``sequences`` ``[B, L, D]``; the last
-    ``A = action_mask.size(1)`` tokens are the actions.  ``token_level_loss=True`` is a token
-    mean over the batch (``bnpo``), ``False`` a per-sequence mean then mean (``grpo``);
-    ``policy_loss_type="gspo"`` is the sequence-level ratio.  ``kl_coef`` adds the k3 KL
-    inside the same normalization (OpenRLHF's ``use_kl_loss`` with ``kl_estimator="k3"``
-    takes a token mean: identical when ``token_level_loss=True``).
+    ``A = action_mask.size(1)`` tokens are the actions.  The policy term is OpenRLHF's
+    ``aggregate_loss``: ``token_level_loss=True`` a token sum / ``batch_num_tokens`` x
+    ``dp_size``, ``False`` a sum of per-sequence means / ``global_batch_size`` x ``dp_size``
+    (``policy_loss_type="gspo"``, the sequence-level ratio, forces ``False`` as ``PolicyLoss``
+    does).  ``kl_coef`` (the actor's ``kl_ctl``) weights the k3 KL against ``ref_log_probs``
+    (``kl_estimator="k3"``, capped at ``kl_clamp``, OpenRLHF's 10) and ``entropy_coef`` the
+    entropy bonus; both are token means (/ ``batch_num_tokens`` x ``dp_size``) whatever
+    ``token_level_loss``, as in ``training_step``.  Pass the ``loss_batch_info`` that
+    OpenRLHF's ``iter_grad_accum_global_norm`` / ``get_loss_batch_info`` give each micro-batch
+    (``dp_size``, ``batch_num_tokens``, ``global_batch_size``: the optimizer step's totals / gas,
+    for DeepSpeed's ``1 / gas``); left ``None`` they are this call's own totals (scored tokens,
+    non-empty sequences).
     """
     if policy_loss_type not in ("ppo", "gspo"):
         raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
+    _reject(loss_kwargs, num_items_in_batch="batch_num_tokens / global_batch_size / dp_size",
+            importance_sampling_level="policy_loss_type='gspo'", delta="dual_clip",
+            beta="kl_coef")
     a = action_mask.size(1)
+    mask = torch.as_tensor(action_mask).bool()
+    if policy_loss_type == "gspo":
+        token_level_loss = False              # PolicyLoss.__init__: GSPO is a per-sample mean
+    n_tok = (max(float(mask.sum()), 1.0) if batch_num_tokens is None
+             else _count(batch_num_tokens, "batch_num_tokens") / dp_size)
+    if token_level_loss:
+        n, aux = n_tok, None
+    else:
+        n = (max(float((mask.sum(-1) > 0).sum()), 1.0) if global_batch_size is None
+             else _count(global_batch_size, "global_batch_size") / dp_size)
+        aux = n_tok
     return policy_loss(hidden[:, -a - 1:-1], lm_head_weight, sequences[:, -a:], advantages,
                        mask=action_mask, old_logp=old_log_probs,
                        ref_logp=ref_log_probs if kl_coef else None,
                        loss_type="bnpo" if token_level_loss else "grpo",
+                       num_items_in_batch=n, kl_entropy_normalizer=aux,
                        importance_sampling_level="sequence" if policy_loss_type == "gspo"
                        else "token",
                        epsilon_low=clip_eps_low, epsilon_high=clip_eps_high, delta=dual_clip,
-                       beta=kl_coef, temperature=temperature, **loss_kwargs)
+                       beta=kl_coef, entropy_coef=entropy_coef, kl_clamp=kl_clamp,
+                       temperature=temperature, **loss_kwargs)

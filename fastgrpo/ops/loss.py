@@ -170,6 +170,8 @@ class _Objective:
     normalizer: float | None
     max_completion_length: int | None
     egsw: tuple[float, float, torch.Tensor] | None  # (alpha, temperature, group index per seq)
+    kl_clamp: float | None = None
+    kl_entropy_normalizer: float | None = None
     metrics: dict = field(default_factory=dict)
 
     def __call__(self, logp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
@@ -184,16 +186,25 @@ class _Objective:
         capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
         per_tok = -torch.minimum(capped * adv, clipped * adv)
         kl = None
+        aux = per_tok.new_zeros(()) if self.kl_entropy_normalizer is not None else per_tok
         if ref is not None:
             d = ref - logp
+            if self.kl_clamp is not None:   # k3(+-(c + 1)) > c: same values, no exp overflow
+                d = d.clamp(-self.kl_clamp - 1, self.kl_clamp + 1)
             kl = torch.exp(d) - d - 1
+            if self.kl_clamp is not None:
+                kl = kl.clamp(max=self.kl_clamp)
             if self.beta:
-                per_tok = per_tok + self.beta * kl
+                aux = aux + self.beta * kl
         if self.entropy_coef:
-            per_tok = per_tok - self.entropy_coef * ent
+            aux = aux - self.entropy_coef * ent
+        if self.kl_entropy_normalizer is None:
+            per_tok, aux = aux, None
         if self.egsw is not None:
             per_tok = per_tok * self._egsw_weights(adv, ent)[tok.seq]
         loss = (per_tok * self._token_weights()).sum()
+        if aux is not None:
+            loss = loss + aux.sum() / self.kl_entropy_normalizer
         self._record_metrics(logp, ent, ratio, adv, kl)
         return loss
 
@@ -282,6 +293,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               max_completion_length: int | None = None,
               egsw_alpha: float | None = None, egsw_temperature: float = 1.0,
               group_size: int | None = None, group_ids=None,
+              kl_clamp: float | None = None, kl_entropy_normalizer: float | None = None,
               ignore_index: int = -100, backend: str = "auto"):
     """Clipped StepGRPO/GRPO policy loss straight from hidden states.
 
@@ -306,6 +318,11 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         max_completion_length: ``dr_grpo``'s constant (unless ``num_items_in_batch`` is given).
         egsw_alpha / egsw_temperature: entropy-guided sequence weighting; needs
             ``group_size`` or ``group_ids`` (per sequence).
+        kl_clamp: caps the k3 KL per token at this value (no gradient where capped), as
+            verl's ``low_var_kl`` and OpenRLHF's ``k3`` do with 10; ``None`` = no cap.
+        kl_entropy_normalizer: when given, the KL and entropy terms are a token sum divided
+            by this number (a token mean, as OpenRLHF aggregates them) instead of sharing the
+            policy term's ``loss_type`` weights; EGSW weights then scale the policy term only.
 
     Returns:
         ``(loss, metrics)``: a float32 scalar differentiable w.r.t. ``hidden`` and ``weight``,
@@ -341,6 +358,10 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              f"or num_items_in_batch, got {max_completion_length!r}")
     if egsw_alpha is not None and not egsw_temperature > 0:
         raise ValueError(f"egsw_temperature must be > 0, got {egsw_temperature!r}")
+    if kl_clamp is not None and not (math.isfinite(kl_clamp) and kl_clamp > 0):
+        raise ValueError(f"kl_clamp must be a finite number > 0, got {kl_clamp!r}")
+    if kl_entropy_normalizer is not None and not float(kl_entropy_normalizer) > 0:
+        raise ValueError(f"kl_entropy_normalizer must be > 0, got {kl_entropy_normalizer!r}")
 
     validate_inputs(hidden, weight, targets, temperature, ignore_index, backend)
     backend = resolve_backend(backend, hidden.device)
@@ -356,7 +377,10 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     objective = _Objective(tok, loss_type, float(beta), float(epsilon_low), float(epsilon_high),
                            delta, float(entropy_coef), importance_sampling_level,
                            None if num_items_in_batch is None else float(num_items_in_batch),
-                           max_completion_length, egsw)
+                           max_completion_length, egsw,
+                           None if kl_clamp is None else float(kl_clamp),
+                           None if kl_entropy_normalizer is None
+                           else float(kl_entropy_normalizer))
     # completion rows only (padding and prompts cost no FLOPs); no copy when all rows count
     h_tok = h if tok.rows.numel() == h.shape[0] else h.index_select(0, tok.rows)
     h_tok = h_tok if h_tok.stride(-1) == 1 else h_tok.contiguous()
