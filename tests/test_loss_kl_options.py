@@ -4,7 +4,7 @@ KL/entropy beside a per-sequence policy term), against float64 full-logit formul
 import pytest
 import torch
 
-from fastgrpo.loss import grpo_loss
+from fastgrpo.ops.loss import grpo_loss
 
 
 def _case(seed=0, b=4, t=6, d=16, v=40):
