@@ -12,7 +12,7 @@ import struct
 import zlib
 from pathlib import Path
 
-__all__ = ["plot_curves", "write_png"]
+__all__ = ["plot_curves", "plot_bands", "write_png"]
 
 PANELS = [("reward/mean", "reward"), ("accuracy", "accuracy  red: held-out"), ("validity", "validity"),
           ("step_k", "steprar k"), ("kl", "kl"), ("completion_len/mean", "completion length")]
@@ -172,4 +172,57 @@ def plot_curves(history: list[dict], before: dict | None, after: dict | None, pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+_ARM_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+                (140, 86, 75), (23, 190, 207)]
+
+
+def plot_bands(series: dict[str, tuple[list[float], list[float], list[float]]], path,
+               title: str = "held-out accuracy") -> Path:
+    """One line per named series with a band of +-1 standard error: ``series[name] =
+    (steps, means, standard errors)``; a legend names the colours.  Dependency-free PNG."""
+    path = Path(path)
+    w, h, pad = 760, 420, 56
+    cv = _Canvas(w, h)
+    x0, x1, y0, y1 = pad, w - 190, 36, h - 36
+    pts = [(s, m - e, m + e) for st, ms, es in series.values() for s, m, e in zip(st, ms, es)]
+    lo, hi = min(p[1] for p in pts), max(p[2] for p in pts)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    s1 = max(s1, s0 + 1)
+
+    def to_xy(s, v):
+        return x0 + (x1 - x0) * (s - s0) / (s1 - s0), y1 - (y1 - y0) * (v - lo) / (hi - lo)
+
+    cv.text(x0, 10, title)
+    for g in range(5):
+        gy = y0 + (y1 - y0) * g / 4
+        cv.line(x0, gy, x1, gy, (225, 225, 225))
+    cv.line(x0, y0, x0, y1, (120, 120, 120))
+    cv.line(x0, y1, x1, y1, (120, 120, 120))
+    cv.text(4, y0 - 2, _fmt(hi), (90, 90, 90), 1)
+    cv.text(4, y1 - 4, _fmt(lo), (90, 90, 90), 1)
+    cv.text(x1 - 40, y1 + 8, f"step {s1}", (90, 90, 90), 1)
+    for k, (name, (steps, means, ses)) in enumerate(series.items()):
+        colour = _ARM_COLOURS[k % len(_ARM_COLOURS)]
+        light = tuple(255 - (255 - c) // 4 for c in colour)
+        for s, m, e in zip(steps, means, ses):  # the band: a vertical bar at each eval step
+            xa, ya = to_xy(s, m + e)
+            _, yb = to_xy(s, m - e)
+            cv.line(xa - 3, ya, xa + 3, ya, light, 2)
+            cv.line(xa, ya, xa, yb, light, 3)
+            cv.line(xa - 3, yb, xa + 3, yb, light, 2)
+        prev = None
+        for s, m in zip(steps, means):
+            p = to_xy(s, m)
+            if prev is not None:
+                cv.line(prev[0], prev[1], p[0], p[1], colour, 2)
+            prev = p
+        ly = y0 + 18 * k
+        cv.line(x1 + 14, ly + 4, x1 + 34, ly + 4, colour, 3)
+        cv.text(x1 + 40, ly, name, (0, 0, 0), 2)
+    write_png(path, cv.rows, cv.w, cv.h)
     return path
