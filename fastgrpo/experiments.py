@@ -20,7 +20,8 @@ a killed experiment continues where it stopped.  At the end (or with ``--report`
 held-out greedy accuracy of every arm, mean +- standard error over seeds, and the paired
 difference of each arm to ``outcome`` go to ``<out>/ablation.md`` / ``ablation.json``, the curves
 (accuracy against step, one line per arm, +-1 s.e. bars) to ``<out>/ablation.png``.  Extra
-training options after ``--`` apply to every arm (``-- --steps 30 --group-size 4``).
+training options after ``--`` apply to every arm (``-- --steps 30 --group-size 4``);
+``--shard I/K`` splits the runs over K processes.
 """
 
 from __future__ import annotations
@@ -127,11 +128,18 @@ def summarize(out: Path, seeds: list[int], arms: list[str]) -> dict:
     return result
 
 
-def ablation(out: Path, seeds: list[int], arms: list[str], extra: list[str]) -> dict:
-    for seed in seeds:  # seed-major: a partial experiment already compares arms at equal seeds
-        for arm in arms:
-            if ARMS[arm] is not None:
-                _train_arm(out, arm, seed, extra)
+def ablation(out: Path, seeds: list[int], arms: list[str], extra: list[str],
+             shard: tuple[int, int] = (0, 1)) -> dict | None:
+    """Train every (arm, seed) run not done yet, then summarize.  ``shard=(i, k)`` runs only
+    the i-th of every k runs (k processes share the work; the last one to finish, or
+    ``--report``, writes the summary)."""
+    runs = [(arm, seed) for seed in seeds for arm in arms if ARMS[arm] is not None]
+    for arm, seed in runs[shard[0]::shard[1]]:  # seed-major: a partial experiment compares
+        _train_arm(out, arm, seed, extra)         # arms at equal seeds
+    if not all((_run_dir(out, a, s) / "summary.json").is_file() for a, s in runs):
+        print("[ablation] other shards still running; summarize with --report when they end",
+              file=sys.stderr)
+        return None
     return summarize(out, seeds, arms)
 
 
@@ -147,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     ab.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default all: {','.join(ARMS)})")
     ab.add_argument("--out-dir", default="runs/ablation", help="experiment directory (default runs/ablation)")
     ab.add_argument("--report", action="store_true", help="only summarize the finished runs")
+    ab.add_argument("--shard", default="0/1", help="I/K: run every K-th run starting at I, for K "
+                                                  "parallel processes (default 0/1: all)")
     args = ap.parse_args(argv)
     from fastgrpo.trainer.config import ConfigError
     from fastgrpo.tasks.data import DataError
@@ -159,9 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds < 1:
         print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         raise SystemExit(2)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+    except (ValueError, AssertionError):
+        print(f"error: --shard must be I/K with 0 <= I < K, got {args.shard!r}", file=sys.stderr)
+        raise SystemExit(2)
     out, seeds = Path(args.out_dir), list(range(args.seeds))
     try:
-        summarize(out, seeds, arms) if args.report else ablation(out, seeds, arms, extra)
+        summarize(out, seeds, arms) if args.report else ablation(out, seeds, arms, extra, shard)
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -67,11 +67,22 @@ def test_a_killed_experiment_continues(experiment, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["ablation", "--arms", "outcome,ppo"], "unknown arm(s) ppo"),
     (["ablation", "--seeds", "0"], "--seeds must be >= 1"),
+    (["ablation", "--shard", "2/2"], "--shard must be I/K"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--out-dir", str(tmp_path)])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_shards_split_the_runs(tmp_path, capsys):
+    argv = ["ablation", "--seeds", "1", "--arms", "outcome,stepgrpo", "--out-dir", str(tmp_path)]
+    main([*argv, "--shard", "1/2", *TINY])
+    assert "other shards still running" in capsys.readouterr().err
+    assert (tmp_path / "stepgrpo" / "seed-0" / "summary.json").is_file()
+    assert not (tmp_path / "outcome").exists() and not (tmp_path / "ablation.md").exists()
+    main([*argv, "--shard", "0/2", *TINY])
+    assert (tmp_path / "ablation.md").is_file()
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path, capsys):
