@@ -255,16 +255,6 @@ def test_trl_one_training_step_matches(trl_env):
         assert logs[1][k] == pytest.approx(logs[0][k], rel=1e-4, abs=1e-6), k
 
 
-@pytest.mark.parametrize("kw, option", [
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
-])
-def test_trl_refuses_unsupported_options(trl_env, kw, option):
-    from fastgrpo.integrations.trl import FastGRPOTrainer
-
-    with pytest.raises(ValueError, match=rf"does not support {option}="):
-        _trainer(FastGRPOTrainer, trl_env, **kw)
-
-
 def test_trl_accepts_every_loss_type_and_mask(trl_env):
     """TRL 1.16's loss types and token/sequence masks build (parity: test_trl_objectives.py)."""
     from fastgrpo.integrations.trl import SUPPORTED_LOSS_TYPES, check_supported
@@ -275,7 +265,7 @@ def test_trl_accepts_every_loss_type_and_mask(trl_env):
     for lt in SUPPORTED_LOSS_TYPES:
         check_supported(_config(d, loss_type=lt, beta=0.1, use_bias_correction_kl=True,
                                 entropy_coef=0.01, top_entropy_quantile=0.2,
-                                off_policy_mask_threshold=0.5))
+                                off_policy_mask_threshold=0.5, use_adaptive_entropy=True))
 
 
 def test_trl_refuses_softcapped_model(trl_env):

@@ -258,3 +258,20 @@ def test_trl_vespo_vllm_importance_sampling(trl_env):  # noqa: F811
         tr.vllm_importance_sampling_mode = "token_truncate"
         results.append(_loss_and_grads(tr, inputs))
     _compare(*results, metric_names=("entropy", "kl", "vespo/phi_seq_mean"))
+
+
+def test_trl_adaptive_entropy(trl_env):  # noqa: F811
+    """TRL's adaptive entropy controller: off on the first step (no entropy measured yet), then
+    the coefficient moves by entropy_coef_delta and applies; two steps match TRL's."""
+    from trl import GRPOTrainer
+
+    from fastgrpo.integrations.trl import FastGRPOTrainer
+
+    kw = dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.05,
+              entropy_target=10.0, entropy_coef_delta=0.02, beta=0.1)
+    inputs = _batch()
+    trainers = [_trainer(cls, trl_env, **kw) for cls in (GRPOTrainer, FastGRPOTrainer)]
+    for step in range(2):
+        ref, fast = (_loss_and_grads(tr, inputs, ga=1) for tr in trainers)
+        _compare(ref, fast, ("entropy", "kl", "policy_loss", "entropy_coef"))
+    assert trainers[1].entropy_coef == pytest.approx(0.09)

@@ -36,7 +36,8 @@ old log-probs (``num_iterations``)  ``old_logp`` (absent = on-policy)
 ``temperature``                     ``temperature``
 ``max_completion_length``           ``max_completion_length`` (dr_grpo)
 ``entropy_coef`` (any loss type)    ``entropy_coef`` + ``entropy_mean_divisor`` = accumulation
-                                    steps (a token mean over the kept tokens, as TRL's)
+                                    steps (a token mean over the kept tokens, as TRL's);
+``use_adaptive_entropy``            TRL's controller, run here on the loss's entropy sums
 vLLM IS correction (truncate/mask)  folded into per-token advantages ``A * w`` (``w >= 0``);
                                     vespo: ``vespo_seq_log_weight`` = sum of ``log w``
 ``tool_mask``                       multiplied into the completion mask
@@ -44,8 +45,7 @@ vLLM IS correction (truncate/mask)  folded into per-token advantages ``A * w`` (
 
 Everything else TRL does (generation, rewards, advantages, old/ref log-probs, logging) is
 TRL's own code.  Options fastgrpo does not implement are refused when the trainer is built,
-with a ``ValueError`` naming the option: ``use_adaptive_entropy`` (a host-side controller
-not ported yet); MoE router auxiliary losses (they need the model's full forward); models with
+with a ``ValueError`` naming the option: MoE router auxiliary losses (they need the model's full forward); models with
 logit soft-capping, logit scaling or an lm_head bias (not in the fused kernel).
 Multimodal batches (``pixel_values`` ...) raise ``NotImplementedError`` at the first step.
 
@@ -95,8 +95,6 @@ def check_supported(args, model=None) -> None:
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     if g("loss_type") not in SUPPORTED_LOSS_TYPES:
         _refuse("loss_type", g("loss_type"), f"supported loss types are {SUPPORTED_LOSS_TYPES}")
-    if g("use_adaptive_entropy", False):
-        _refuse("use_adaptive_entropy", True, "the adaptive entropy controller is not implemented")
     if g("use_vllm", False) and g("vllm_importance_sampling_correction", False):
         mode = g("vllm_importance_sampling_mode")
         if mode not in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
@@ -216,6 +214,9 @@ class _FastGRPOMixin:
 
         bonus = getattr(self, "_entropy_bonus_enabled", bool(getattr(self, "entropy_coef", 0.0)))
         entropy_coef = float(self.entropy_coef) if bonus else 0.0
+        adaptive = getattr(self, "use_adaptive_entropy", False)
+        if adaptive and not self._last_world_entropy <= self.args.entropy_target:
+            entropy_coef = 0.0   # TRL: the coefficient applies only at or below the target
         args = self.args
         device_type = hidden.device.type
         with torch.autocast(device_type, enabled=False):
@@ -242,8 +243,31 @@ class _FastGRPOMixin:
                 bias_correction_kl=bool(args.use_bias_correction_kl),
                 backend=self.fastgrpo_backend)
         per_seq = inputs["advantages"].dim() == 1 or inputs["advantages"].size(1) == 1
-        self._fastgrpo_log(mode, metrics, mask.size(0) if per_seq else None, ga)
+        self._fastgrpo_log(mode, metrics, mask.size(0) if per_seq else None, ga, bonus)
+        if adaptive and mode == "train":
+            self._fastgrpo_adapt_entropy(metrics)
+        if bonus and mode == "train" and self.accelerator.sync_gradients and adaptive:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)   # after the update
         return loss
+
+    def _fastgrpo_adapt_entropy(self, metrics):
+        """TRL's adaptive entropy controller: window-global mean entropy of the bonus's tokens
+        moves ``entropy_coef`` by ``entropy_coef_delta`` at each optimizer step."""
+        dev, args = self.accelerator.device, self.args
+        stats = torch.stack([metrics["entropy_kept_sum"], metrics["num_kept"]]).to(dev)
+        w = self._entropy_window_stats
+        self._entropy_window_stats = stats if w is None else w + stats
+        if self.accelerator.sync_gradients:
+            totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+            world = (totals[0] / totals[1].clamp(min=1.0)).item()
+            if world <= args.entropy_target:
+                self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta,
+                                        args.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta,
+                                        args.entropy_coef_min)
+            self._last_world_entropy = world
+            self._entropy_window_stats = None
 
     def _fastgrpo_gather_entropies(self, ent):
         """Every process's completion-token entropies, as TRL's get_high_entropy_mask pads and
@@ -252,7 +276,7 @@ class _FastGRPOMixin:
         every = self.accelerator.gather(padded)
         return every[every != -1e9]
 
-    def _fastgrpo_log(self, mode, metrics, n_seq, ga):
+    def _fastgrpo_log(self, mode, metrics, n_seq, ga, bonus):
         dev = self.accelerator.device
         n = metrics["num_tokens"].to(dev)
         names = ["entropy"]
@@ -273,13 +297,14 @@ class _FastGRPOMixin:
                 torch.stack([metrics["vespo/phi_seq_mean"].to(dev) * s, s]), reduction="sum")
             self._metrics[mode]["vespo/phi_seq_mean"].append(
                 (totals[0] / totals[1].clamp(min=1.0)).item())
-        if "policy_loss" in metrics:  # with an entropy bonus; TRL logs it before the 1/ga
+        if bonus:  # with an entropy bonus TRL logs the policy loss (before its 1/ga)
             policy = metrics["policy_loss"].to(dev)
             if self.loss_type not in ("dapo", "cispo", "vespo"):
                 policy = policy * ga
             self._metrics[mode]["policy_loss"].append(
                 self.accelerator.gather(policy).nanmean().item())
-            if mode == "train" and self.accelerator.sync_gradients:
+            if mode == "train" and self.accelerator.sync_gradients and \
+                    not getattr(self, "use_adaptive_entropy", False):
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
 

@@ -241,11 +241,14 @@ class _Objective:
         loss = (per_tok * self._token_weights()).sum()
         if aux is not None:
             loss = loss + aux.sum() / self.kl_entropy_normalizer
-        if self.entropy_coef and self.entropy_mean_divisor is not None:
-            self.metrics["policy_loss"] = loss.detach()
+        if self.entropy_mean_divisor is not None:
             n_kept = ent.new_tensor(len(ent)) if ent_mask is None else ent_mask.sum()
-            loss = loss - self.entropy_coef * bonus_ent.sum() / n_kept.clamp(min=1) \
-                / self.entropy_mean_divisor
+            mt = self.metrics
+            mt["policy_loss"], mt["entropy_kept_sum"], mt["num_kept"] = \
+                loss.detach(), bonus_ent.detach().sum(), n_kept
+            if self.entropy_coef:
+                loss = loss - self.entropy_coef * bonus_ent.sum() / n_kept.clamp(min=1) \
+                    / self.entropy_mean_divisor
         self._record_metrics(logp, ent, ratio, adv, kl)
         return loss
 
@@ -452,8 +455,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         and a dict of detached float32 scalars (means over this call's completion tokens):
         ``logp``, ``entropy``, ``kl`` (when ``ref_logp`` is given), ``clip_ratio/low_mean``,
         ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio/min|mean|max``,
-        ``num_tokens``, ``policy_loss`` (the loss without the bonus, with
-        ``entropy_mean_divisor``),
+        ``num_tokens``, with ``entropy_mean_divisor`` ``policy_loss`` (the loss without the
+        bonus), ``entropy_kept_sum`` and ``num_kept`` (the bonus's tokens),
         ``cispo_clip_ratio`` (cispo) and ``vespo/phi_seq_mean`` (vespo).
     """
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
