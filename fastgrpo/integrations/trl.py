@@ -46,7 +46,8 @@ vLLM IS correction (truncate/mask)  folded into per-token advantages ``A * w`` (
 Everything else TRL does (generation, rewards, advantages, old/ref log-probs, logging) is
 TRL's own code.  Options fastgrpo does not implement are refused when the trainer is built,
 with a ``ValueError`` naming the option: MoE router auxiliary losses (they need the model's
-full forward); models with logit soft-capping, logit scaling or an lm_head bias (not in the fused kernel).
+full forward); models with logit soft-capping, logit scaling or an lm_head bias (not in the
+fused kernel).
 Multimodal batches (``pixel_values`` ...) raise ``NotImplementedError`` at the first step.
 
 Logged metrics (into TRL's ``_metrics``, reduced across processes like TRL's):
