@@ -255,21 +255,17 @@ def test_trl_one_training_step_matches(trl_env):
         assert logs[1][k] == pytest.approx(logs[0][k], rel=1e-4, abs=1e-6), k
 
 
-@pytest.mark.parametrize("kw, option", [
-    (dict(loss_type="cispo"), "loss_type"),
-    (dict(loss_type="sapo"), "loss_type"),
-    (dict(loss_type="vespo"), "loss_type"),
-    (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
-    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    (dict(beta=0.1, use_bias_correction_kl=True), "use_bias_correction_kl"),
-    (dict(loss_type="dapo", entropy_coef=0.01), "entropy_coef"),
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
-])
-def test_trl_refuses_unsupported_options(trl_env, kw, option):
-    from fastgrpo.integrations.trl import FastGRPOTrainer
+def test_trl_accepts_every_loss_type_and_mask(trl_env):
+    """TRL 1.16's loss types and token/sequence masks build (parity: test_trl_objectives.py)."""
+    from fastgrpo.integrations.trl import SUPPORTED_LOSS_TYPES, check_supported
 
-    with pytest.raises(ValueError, match=rf"does not support {option}="):
-        _trainer(FastGRPOTrainer, trl_env, **kw)
+    assert set(SUPPORTED_LOSS_TYPES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo",
+                                         "luspo", "vespo"}
+    d = trl_env[0]
+    for lt in SUPPORTED_LOSS_TYPES:
+        check_supported(_config(d, loss_type=lt, beta=0.1, use_bias_correction_kl=True,
+                                entropy_coef=0.01, top_entropy_quantile=0.2,
+                                off_policy_mask_threshold=0.5, use_adaptive_entropy=True))
 
 
 def test_trl_refuses_softcapped_model(trl_env):

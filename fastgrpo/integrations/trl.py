@@ -19,34 +19,41 @@ mapped one to one:
 ==================================  =====================================================
 TRL (``GRPOConfig``)                fastgrpo ``grpo_loss``
 ==================================  =====================================================
-``loss_type`` grpo/bnpo/dr_grpo/    ``loss_type`` (same name), ``num_items_in_batch`` =
-dapo                                TRL's normalizer x gradient-accumulation steps
-``epsilon`` / ``epsilon_high``      ``epsilon_low`` / ``epsilon_high``
+``loss_type`` (all of TRL 1.16's:   ``loss_type`` (same name), ``num_items_in_batch`` =
+grpo/bnpo/dr_grpo/dapo/cispo/sapo/  TRL's normalizer x gradient-accumulation steps
+luspo/vespo)
+``epsilon`` / ``epsilon_high``      ``epsilon_low`` / ``epsilon_high`` (cispo: the cap)
 ``delta``                           ``delta`` (dual clip)
+``sapo_temperature_pos|neg``        ``sapo_temperature_pos|neg``
+``vespo_k|lambda_pos|neg``          ``vespo_k|lambda_pos|neg``
 ``beta`` + ref log-probs            ``beta`` + ``ref_logp`` (k3 KL)
+``use_bias_correction_kl``          ``bias_correction_kl`` (KL x IS ratio)
 old log-probs (``num_iterations``)  ``old_logp`` (absent = on-policy)
 ``importance_sampling_level``       ``importance_sampling_level`` (token / sequence)
+``top_entropy_quantile``            ``top_entropy_quantile`` + ``gather_entropies`` (the
+                                    threshold over all processes' tokens, as TRL's)
+``off_policy_mask_threshold``       ``off_policy_mask_threshold`` + ``sampling_logp``
 ``temperature``                     ``temperature``
 ``max_completion_length``           ``max_completion_length`` (dr_grpo)
-``entropy_coef`` (``bnpo`` only)    ``entropy_coef``
-vLLM IS correction (truncate/mask)  folded into per-token advantages ``A * w`` (``w >= 0``)
+``entropy_coef`` (any loss type)    ``entropy_coef`` + ``entropy_mean_divisor`` = accumulation
+                                    steps (a token mean over the kept tokens, as TRL's);
+``use_adaptive_entropy``            TRL's controller, run here on the loss's entropy sums
+vLLM IS correction (truncate/mask)  folded into per-token advantages ``A * w`` (``w >= 0``);
+                                    vespo: ``vespo_seq_log_weight`` = sum of ``log w``
 ``tool_mask``                       multiplied into the completion mask
 ==================================  =====================================================
 
 Everything else TRL does (generation, rewards, advantages, old/ref log-probs, logging) is
 TRL's own code.  Options fastgrpo does not implement are refused when the trainer is built,
-with a ``ValueError`` naming the option: the loss types ``cispo``, ``sapo``, ``vespo``,
-``luspo``; ``top_entropy_quantile < 1``; ``off_policy_mask_threshold``;
-``use_bias_correction_kl=True`` with ``beta != 0`` (TRL's default: pass
-``use_bias_correction_kl=False`` for GRPO's plain k3 KL); ``use_adaptive_entropy``;
-``entropy_coef`` with a loss type other than ``bnpo`` (TRL normalizes its entropy bonus as a
-token mean whatever the loss type);
-MoE router auxiliary losses; models with logit soft-capping, logit scaling or an lm_head bias.
+with a ``ValueError`` naming the option: MoE router auxiliary losses (they need the model's
+full forward); models with logit soft-capping, logit scaling or an lm_head bias (not in the
+fused kernel).
 Multimodal batches (``pixel_values`` ...) raise ``NotImplementedError`` at the first step.
 
 Logged metrics (into TRL's ``_metrics``, reduced across processes like TRL's):
 ``entropy``, ``kl`` (when ``beta != 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-``clip_ratio/region_mean`` and, with an entropy bonus, ``policy_loss`` / ``entropy_coef``.
+``clip_ratio/region_mean`` (clipped loss types), ``cispo_clip_ratio`` (cispo),
+``vespo/phi_seq_mean`` (vespo) and, with an entropy bonus, ``policy_loss`` / ``entropy_coef``.
 TRL's per-sequence extremes ``clip_ratio/low_min`` / ``clip_ratio/high_max`` are not logged
 (they need per-token ratios, which the fused loss never materializes), and with
 ``importance_sampling_level="sequence"`` the clip fractions are token-weighted (TRL weights
@@ -55,6 +62,7 @@ each sequence once).
 
 from __future__ import annotations
 
+import math
 import types
 
 try:
@@ -88,22 +96,6 @@ def check_supported(args, model=None) -> None:
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     if g("loss_type") not in SUPPORTED_LOSS_TYPES:
         _refuse("loss_type", g("loss_type"), f"supported loss types are {SUPPORTED_LOSS_TYPES}")
-    if g("top_entropy_quantile", 1.0) < 1.0:
-        _refuse("top_entropy_quantile", g("top_entropy_quantile"),
-                "the high-entropy token mask needs every token's entropy before the loss")
-    if g("off_policy_mask_threshold") is not None:
-        _refuse("off_policy_mask_threshold", g("off_policy_mask_threshold"),
-                "off-policy sequence masking is not implemented")
-    if g("beta", 0.0) and g("use_bias_correction_kl", False):
-        _refuse("use_bias_correction_kl", True, f"with beta={g('beta')!r} TRL multiplies the KL by "
-                f"the importance ratio, which the fused loss does not implement; set "
-                f"use_bias_correction_kl=False for GRPO's plain k3 KL")
-    if g("use_adaptive_entropy", False):
-        _refuse("use_adaptive_entropy", True, "the adaptive entropy controller is not implemented")
-    if g("entropy_coef", 0.0) and g("loss_type") != "bnpo":
-        _refuse("entropy_coef", g("entropy_coef"),
-                f"TRL normalizes its entropy bonus as a token mean, which equals fastgrpo's "
-                f"loss-type-weighted bonus only for loss_type='bnpo' (got {g('loss_type')!r})")
     if g("use_vllm", False) and g("vllm_importance_sampling_correction", False):
         mode = g("vllm_importance_sampling_mode")
         if mode not in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
@@ -191,9 +183,16 @@ class _FastGRPOMixin:
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL multiplies the clipped policy term by w >= 0 (detached): -min(r A, clip(r) A) w
-            # = -min(r (A w), clip(r) (A w)), so per-token advantages A * w are exact.
+        lt = self.loss_type
+        vespo_log_w = None
+        if lt == "vespo" and inputs.get("importance_sampling_ratio") is not None:
+            # VESPO puts vLLM's IS ratios into its sequence weight (TRL sums their logs over all
+            # positions, padding included)
+            log_is = torch.log(inputs["importance_sampling_ratio"])
+            vespo_log_w = torch.clamp(log_is, math.log(1e-8), 20.0).sum(-1)
+        if self.use_vllm and self.vllm_importance_sampling_correction and lt != "vespo":
+            # TRL multiplies the policy term by w >= 0 (detached); every policy term is linear in
+            # A with its branch chosen by sign(A), so per-token advantages A * w are exact.
             w = inputs["importance_sampling_ratio"]
             advantages = torch.where(mask.bool(), advantages * w, torch.zeros_like(advantages * w))
         elif advantages.size(1) == 1:
@@ -202,13 +201,13 @@ class _FastGRPOMixin:
         mode = "train" if self.model.training else "eval"
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         n_tokens = mask.sum().clamp(min=1.0).float()
-        if self.loss_type == "grpo":
+        if lt in ("grpo", "sapo", "luspo"):
             num_items = mask.size(0) * ga
-        elif self.loss_type == "bnpo":
+        elif lt == "bnpo":
             num_items = n_tokens * ga
-        elif self.loss_type == "dr_grpo":
+        elif lt == "dr_grpo":
             num_items = mask.size(0) * self.max_completion_length * ga
-        else:  # dapo: TRL rescales the generation batch's token count to one window
+        else:  # dapo, cispo, vespo: TRL rescales the generation batch's token count to one window
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * ga / self.args.steps_per_generation
@@ -216,6 +215,10 @@ class _FastGRPOMixin:
 
         bonus = getattr(self, "_entropy_bonus_enabled", bool(getattr(self, "entropy_coef", 0.0)))
         entropy_coef = float(self.entropy_coef) if bonus else 0.0
+        adaptive = getattr(self, "use_adaptive_entropy", False)
+        if adaptive and not self._last_world_entropy <= self.args.entropy_target:
+            entropy_coef = 0.0   # TRL: the coefficient applies only at or below the target
+        args = self.args
         device_type = hidden.device.type
         with torch.autocast(device_type, enabled=False):
             loss, metrics = grpo_loss(
@@ -223,32 +226,86 @@ class _FastGRPOMixin:
                 old_logp=inputs.get("old_per_token_logps"),
                 ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
                 beta=float(self.beta), epsilon_low=float(self.epsilon_low),
-                epsilon_high=float(self.epsilon_high), delta=self.args.delta,
+                epsilon_high=float(self.epsilon_high), delta=args.delta,
                 temperature=float(self.temperature), entropy_coef=entropy_coef,
+                entropy_mean_divisor=float(ga),
                 importance_sampling_level=self.importance_sampling_level,
-                loss_type=self.loss_type, num_items_in_batch=num_items,
+                loss_type=lt, num_items_in_batch=num_items,
                 max_completion_length=self.max_completion_length,
+                sapo_temperature_pos=args.sapo_temperature_pos,
+                sapo_temperature_neg=args.sapo_temperature_neg,
+                vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+                vespo_seq_log_weight=vespo_log_w,
+                top_entropy_quantile=float(self.top_entropy_quantile),
+                gather_entropies=self._fastgrpo_gather_entropies,
+                off_policy_mask_threshold=self.off_policy_mask_threshold,
+                sampling_logp=inputs.get("sampling_per_token_logps"),
+                bias_correction_kl=bool(args.use_bias_correction_kl),
                 backend=self.fastgrpo_backend)
-        self._fastgrpo_log(mode, metrics, loss, entropy_coef, ga)
+        per_seq = inputs["advantages"].dim() == 1 or inputs["advantages"].size(1) == 1
+        self._fastgrpo_log(mode, metrics, mask.size(0) if per_seq else None, ga, bonus)
+        if adaptive and mode == "train":
+            self._fastgrpo_adapt_entropy(metrics)
+        if bonus and mode == "train" and self.accelerator.sync_gradients and adaptive:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)   # after the update
         return loss
 
-    def _fastgrpo_log(self, mode, metrics, loss, entropy_coef, ga):
+    def _fastgrpo_adapt_entropy(self, metrics):
+        """TRL's adaptive entropy controller: window-global mean entropy of the bonus's tokens
+        moves ``entropy_coef`` by ``entropy_coef_delta`` at each optimizer step."""
+        dev, args = self.accelerator.device, self.args
+        stats = torch.stack([metrics["entropy_kept_sum"], metrics["num_kept"]]).to(dev)
+        w = self._entropy_window_stats
+        self._entropy_window_stats = stats if w is None else w + stats
+        if self.accelerator.sync_gradients:
+            totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+            world = (totals[0] / totals[1].clamp(min=1.0)).item()
+            if world <= args.entropy_target:
+                self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta,
+                                        args.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta,
+                                        args.entropy_coef_min)
+            self._last_world_entropy = world
+            self._entropy_window_stats = None
+
+    def _fastgrpo_gather_entropies(self, ent):
+        """Every process's completion-token entropies, as TRL's get_high_entropy_mask pads and
+        gathers them (entropies are >= 0, so the negative pad value is a safe sentinel)."""
+        padded = self.accelerator.pad_across_processes(ent, dim=0, pad_index=-1e9)
+        every = self.accelerator.gather(padded)
+        return every[every != -1e9]
+
+    def _fastgrpo_log(self, mode, metrics, n_seq, ga, bonus):
         dev = self.accelerator.device
         n = metrics["num_tokens"].to(dev)
-        names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-                 "clip_ratio/region_mean"]
+        names = ["entropy"]
         if self.beta != 0.0:
             names.insert(0, "kl")
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            names += ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+        elif self.loss_type == "cispo":
+            names.append("cispo_clip_ratio")
         # token-weighted means over all processes, like TRL's global_masked_mean
         stacked = torch.stack([metrics[k].to(dev) * n for k in names] + [n])
         totals = self.accelerator.reduce(stacked, reduction="sum")
         for i, k in enumerate(names):
             self._metrics[mode][k].append((totals[i] / totals[-1].clamp(min=1.0)).item())
-        if entropy_coef:  # bnpo only: loss = (policy - coef * H) / ga
-            policy = loss.detach() * ga + entropy_coef * metrics["entropy"].to(dev)
+        if self.loss_type == "vespo":  # one value per sequence (per token with (B, T) advantages)
+            s = torch.tensor(float(n_seq), device=dev) if n_seq is not None else n
+            totals = self.accelerator.reduce(
+                torch.stack([metrics["vespo/phi_seq_mean"].to(dev) * s, s]), reduction="sum")
+            self._metrics[mode]["vespo/phi_seq_mean"].append(
+                (totals[0] / totals[1].clamp(min=1.0)).item())
+        if bonus:  # with an entropy bonus TRL logs the policy loss (before its 1/ga)
+            policy = metrics["policy_loss"].to(dev)
+            if self.loss_type not in ("dapo", "cispo", "vespo"):
+                policy = policy * ga
             self._metrics[mode]["policy_loss"].append(
                 self.accelerator.gather(policy).nanmean().item())
-            if mode == "train" and self.accelerator.sync_gradients:
+            if mode == "train" and self.accelerator.sync_gradients and \
+                    not getattr(self, "use_adaptive_entropy", False):
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
 

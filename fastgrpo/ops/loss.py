@@ -1,4 +1,5 @@
-"""The clipped StepGRPO / GRPO objective, fused with the log-prob kernel.
+"""The clipped StepGRPO / GRPO objective (and TRL's other policy objectives), fused with the
+log-prob kernel.
 
 Per completion token ``t`` of sequence ``i`` (``A`` its advantage)::
 
@@ -6,20 +7,36 @@ Per completion token ``t`` of sequence ``i`` (``A`` its advantage)::
     rho         = exp(log_ratio_t)                     token level
                 = exp(mean_{t' in i} log_ratio_t')     sequence level (GSPO)
     obj_t       = min(min(rho, delta) * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
-    KL_t        = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (k3)
-    loss_t      = -obj_t + beta * KL_t - entropy_coef * H_t
+    KL_t        = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (k3; x rho with
+                                                                       bias_correction_kl)
+    loss_t      = -obj_t * keep_t + beta * KL_t - entropy_coef * H_t
+
+where ``keep_t`` (1 by default) drops tokens below the batch's top-entropy quantile and
+negative-advantage sequences that drifted off-policy (DeepSeek-V3.2's mask).  The other loss
+types replace ``-obj_t`` (TRL 1.16's definitions; ``sg`` = detached)::
+
+    cispo   -sg(min(rho, eps_high)) * A * logp_t
+    sapo    -4 / tau * sigmoid(tau * (rho - 1)) * A        tau = tau_pos if A > 0 else tau_neg
+    vespo   -sg(phi(w_i)) * A * logp_t                     w_i = exp(sum_{t in i} log_ratio_t)
+            phi(w) = exp(lam + k * log w - lam * w)        (k, lam) by the sign of A
+    luspo   -obj_t  (the clipped objective, summed per sequence)
 
 and the batch loss is ``sum_t w_t * omega_i * loss_t`` with the normalization ``w_t`` of the
 loss type (``omega_i`` = 1, or the EGSW sequence weight):
 
-=========  ====================================  =================================
-loss_type  w_t                                   ``num_items_in_batch`` replaces
-=========  ====================================  =================================
-grpo       1 / (n_tokens(i) * n_sequences)       n_sequences (whole batch)
-bnpo       1 / n_tokens                          n_tokens (this rank's batch)
-dapo       1 / n_tokens                          n_tokens (global batch, all ranks)
-dr_grpo    1 / (n_sequences * max_length)        n_sequences * max_length
-=========  ====================================  =================================
+===========  ====================================  =================================
+loss_type    w_t                                   ``num_items_in_batch`` replaces
+===========  ====================================  =================================
+grpo, sapo   1 / (n_tokens(i) * n_sequences)       n_sequences (whole batch)
+bnpo         1 / n_tokens                          n_tokens (this rank's batch)
+dapo, cispo, 1 / n_tokens                          n_tokens (global batch, all ranks)
+vespo
+dr_grpo      1 / (n_sequences * max_length)        n_sequences * max_length
+luspo        1 / n_sequences                       n_sequences (whole batch)
+===========  ====================================  =================================
+
+With ``entropy_mean_divisor`` the entropy bonus instead is ``entropy_coef * mean_t(H_t) /
+entropy_mean_divisor`` over the kept tokens, whatever the loss type (TRL's normalization).
 
 Passing the whole batch's normalizer as ``num_items_in_batch`` makes the losses of
 micro-batches add up to the loss of the whole batch, so gradient accumulation gives the
@@ -47,7 +64,7 @@ from fastgrpo.ops.logprobs import linear_backward, linear_forward, resolve_backe
 
 __all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS"]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IS_LEVELS = ("token", "sequence")
 
 
@@ -64,6 +81,8 @@ class _Tokens:
     adv: torch.Tensor             # [M] advantage of each token
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
+    sampling_logp: torch.Tensor | None = None  # [M] may hold NaN (tokens vLLM did not score)
+    seq_adv: torch.Tensor | None = None        # [n_seq] when advantages are per sequence
 
 
 def _check_finite(name, x):
@@ -73,7 +92,7 @@ def _check_finite(name, x):
 
 
 def _flatten(hidden, targets, advantages, completion_mask, cu_seqlens, old_logp, ref_logp,
-             ignore_index) -> tuple[torch.Tensor, torch.Tensor, _Tokens]:
+             ignore_index, sampling_logp=None) -> tuple[torch.Tensor, torch.Tensor, _Tokens]:
     """Return hidden [R, D], targets [R], and which rows are completion tokens of which sequence."""
     dev = hidden.device
     if cu_seqlens is not None:
@@ -133,7 +152,7 @@ def _flatten(hidden, targets, advantages, completion_mask, cu_seqlens, old_logp,
     per_sequence = adv.dim() == 1 and a.numel() == n_seq
     tok_adv = a[seq] if per_sequence else a[rows]
 
-    def per_token(name, x):
+    def per_token(name, x, finite=True):
         if x is None:
             return None
         x = torch.as_tensor(x, device=dev)
@@ -141,11 +160,14 @@ def _flatten(hidden, targets, advantages, completion_mask, cu_seqlens, old_logp,
             raise ValueError(f"{name} must be per token, shaped like targets "
                              f"{tuple(targets.shape)}, got {tuple(x.shape)}")
         x = x.reshape(-1)[rows].float()
-        _check_finite(name, x)
+        if finite:
+            _check_finite(name, x)
         return x
 
     tok = _Tokens(rows, seq, n_seq, counts, tok_adv,
-                  per_token("old_logp", old_logp), per_token("ref_logp", ref_logp))
+                  per_token("old_logp", old_logp), per_token("ref_logp", ref_logp),
+                  per_token("sampling_logp", sampling_logp, finite=False),
+                  a if per_sequence else None)
     return h, y, tok
 
 
@@ -172,6 +194,14 @@ class _Objective:
     egsw: tuple[float, float, torch.Tensor] | None  # (alpha, temperature, group index per seq)
     kl_clamp: float | None = None
     kl_entropy_normalizer: float | None = None
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05)            # (A > 0, A <= 0)
+    vespo_params: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # k+, lam+, k-, lam-
+    vespo_seq_log_weight: torch.Tensor | None = None                # [n_seq], added to log w_i
+    top_entropy_quantile: float = 1.0
+    gather_entropies: object = None   # callable: this rank's [M] entropies -> all ranks'
+    off_policy_mask_threshold: float | None = None
+    bias_correction_kl: bool = False
+    entropy_mean_divisor: float | None = None
     metrics: dict = field(default_factory=dict)
 
     def __call__(self, logp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
@@ -179,12 +209,15 @@ class _Objective:
         adv, old, ref = tok.adv, tok.old_logp, tok.ref_logp
         old = logp.detach() if old is None else old
         log_ratio = logp - old
-        if self.is_level == "sequence":
-            log_ratio = _segment_mean(log_ratio, tok.seq, tok.per_seq_tokens)[tok.seq]
-        ratio = torch.exp(log_ratio)
-        clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
-        capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
-        per_tok = -torch.minimum(capped * adv, clipped * adv)
+        is_log_ratio = log_ratio if self.is_level == "token" else \
+            _segment_mean(log_ratio, tok.seq, tok.per_seq_tokens)[tok.seq]
+        ratio = torch.exp(is_log_ratio)
+        per_tok = self._policy_term(logp, log_ratio, ratio, adv)
+        ent_mask = self._entropy_mask(ent) if self.top_entropy_quantile < 1 else None
+        if ent_mask is not None:
+            per_tok = per_tok * ent_mask
+        if self.off_policy_mask_threshold is not None:
+            per_tok = per_tok * self._off_policy_mask(logp, old, adv)
         kl = None
         aux = per_tok.new_zeros(()) if self.kl_entropy_normalizer is not None else per_tok
         if ref is not None:
@@ -194,10 +227,13 @@ class _Objective:
             kl = torch.exp(d) - d - 1
             if self.kl_clamp is not None:
                 kl = kl.clamp(max=self.kl_clamp)
+            if self.bias_correction_kl:     # unbiased reverse-KL gradient (DeepSeek-V3.2)
+                kl = kl * ratio
             if self.beta:
                 aux = aux + self.beta * kl
-        if self.entropy_coef:
-            aux = aux - self.entropy_coef * ent
+        bonus_ent = ent if ent_mask is None else ent * ent_mask
+        if self.entropy_coef and self.entropy_mean_divisor is None:
+            aux = aux - self.entropy_coef * bonus_ent
         if self.kl_entropy_normalizer is None:
             per_tok, aux = aux, None
         if self.egsw is not None:
@@ -205,17 +241,81 @@ class _Objective:
         loss = (per_tok * self._token_weights()).sum()
         if aux is not None:
             loss = loss + aux.sum() / self.kl_entropy_normalizer
+        if self.entropy_mean_divisor is not None:
+            n_kept = ent.new_tensor(len(ent)) if ent_mask is None else ent_mask.sum()
+            mt = self.metrics
+            mt["policy_loss"], mt["entropy_kept_sum"], mt["num_kept"] = \
+                loss.detach(), bonus_ent.detach().sum(), n_kept
+            if self.entropy_coef:
+                loss = loss - self.entropy_coef * bonus_ent.sum() / n_kept.clamp(min=1) \
+                    / self.entropy_mean_divisor
         self._record_metrics(logp, ent, ratio, adv, kl)
         return loss
+
+    def _policy_term(self, logp, log_ratio, ratio, adv) -> torch.Tensor:
+        """-objective per token, for each loss type (module docstring)."""
+        if self.loss_type == "cispo":
+            return -torch.clamp(ratio, max=self.eps_high).detach() * adv * logp
+        if self.loss_type == "sapo":
+            pos, neg = self.sapo_temperatures
+            tau = torch.where(adv > 0, pos, neg)
+            return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        if self.loss_type == "vespo":
+            return -self._gamma_weights(log_ratio, adv) * adv * logp
+        clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
+        capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
+        return -torch.minimum(capped * adv, clipped * adv)
+
+    @torch.no_grad()
+    def _gamma_weights(self, log_ratio, adv) -> torch.Tensor:
+        """VESPO's phi(w_i) = e^lam w^k e^(-lam w) of the sequence IS weight, as TRL clamps it."""
+        tok, low = self.tok, math.log(1e-8)
+        k_pos, lam_pos, k_neg, lam_neg = self.vespo_params
+        log_w = torch.zeros_like(tok.per_seq_tokens).index_add_(
+            0, tok.seq, log_ratio.clamp(-20.0, 20.0))
+        if self.vespo_seq_log_weight is not None:
+            log_w = log_w + self.vespo_seq_log_weight
+        log_w = log_w.clamp(low, 20.0)
+
+        def phi(log_w, a):
+            k = torch.where(a >= 0, k_pos, k_neg)
+            lam = torch.where(a >= 0, lam_pos, lam_neg).clamp(min=1e-4)
+            out = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+            return out.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_tok = phi(log_w[tok.seq], adv)
+        # logged as TRL does: over sequences (empty ones too) or, per-token A, over tokens
+        mean = per_tok.mean() if tok.seq_adv is None else phi(log_w, tok.seq_adv).mean()
+        self.metrics["vespo/phi_seq_mean"] = mean.nan_to_num(nan=1.0)
+        return per_tok
+
+    @torch.no_grad()
+    def _entropy_mask(self, ent) -> torch.Tensor:
+        """1 where H_t >= the (1 - top_entropy_quantile) quantile of all ranks' entropies."""
+        every = ent if self.gather_entropies is None else self.gather_entropies(ent)
+        if every.numel() == 0:
+            return torch.zeros_like(ent)
+        threshold = torch.quantile(every.float(), 1 - self.top_entropy_quantile)
+        return (ent >= threshold).to(ent.dtype)
+
+    @torch.no_grad()
+    def _off_policy_mask(self, logp, old, adv) -> torch.Tensor:
+        """Keep a token unless A < 0 and its sequence's mean KL(sampler || policy) > threshold."""
+        tok = self.tok
+        sampling = old if tok.sampling_logp is None else tok.sampling_logp
+        kl = torch.nan_to_num(sampling - logp, nan=0.0)
+        seq_kl = _segment_mean(kl, tok.seq, tok.per_seq_tokens)[tok.seq]
+        return ((adv >= 0) | (seq_kl <= self.off_policy_mask_threshold)).to(logp.dtype)
 
     def _token_weights(self) -> torch.Tensor:
         tok, norm = self.tok, self.normalizer
         m = tok.seq.numel()
-        if self.loss_type == "grpo":
+        if self.loss_type in ("grpo", "sapo"):
             n = norm if norm is not None else tok.n_seq
             return 1.0 / (tok.per_seq_tokens[tok.seq] * n)
-        if self.loss_type in ("bnpo", "dapo"):
+        if self.loss_type in ("bnpo", "dapo", "cispo", "vespo"):
             n = norm if norm is not None else max(m, 1)
+        elif self.loss_type == "luspo":
+            n = norm if norm is not None else tok.n_seq
         else:  # dr_grpo
             n = norm if norm is not None else tok.n_seq * self.max_completion_length
         return torch.full((m,), 1.0 / n, device=tok.seq.device)
@@ -247,6 +347,8 @@ class _Objective:
         mt["clip_ratio/low_mean"] = low.float().sum() / m
         mt["clip_ratio/high_mean"] = high.float().sum() / m
         mt["clip_ratio/region_mean"] = (low | high).float().sum() / m
+        if self.loss_type == "cispo":
+            mt["cispo_clip_ratio"] = ((ratio > self.eps_high) & (adv > 0)).float().sum() / m
         empty = logp.numel() == 0
         mt["ratio/min"] = ratio.new_tensor(1.0) if empty else ratio.min()
         mt["ratio/mean"] = ratio.sum() / m if not empty else ratio.new_tensor(1.0)
@@ -294,6 +396,13 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               egsw_alpha: float | None = None, egsw_temperature: float = 1.0,
               group_size: int | None = None, group_ids=None,
               kl_clamp: float | None = None, kl_entropy_normalizer: float | None = None,
+              sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+              vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+              vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+              vespo_seq_log_weight=None, top_entropy_quantile: float = 1.0,
+              gather_entropies=None, off_policy_mask_threshold: float | None = None,
+              sampling_logp=None, bias_correction_kl: bool = False,
+              entropy_mean_divisor: float | None = None,
               ignore_index: int = -100, backend: str = "auto"):
     """Clipped StepGRPO/GRPO policy loss straight from hidden states.
 
@@ -308,12 +417,14 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         old_logp: behaviour-policy log-probs, per token; absent = on-policy (ratio 1).
         ref_logp: reference log-probs, per token, for the k3 KL (``beta`` > 0 needs it).
         epsilon_low / epsilon_high: clip range ``[1 - eps_low, 1 + eps_high]``
-            (``epsilon_high`` defaults to ``epsilon_low``).
+            (``epsilon_high`` defaults to ``epsilon_low``); for ``cispo`` ``epsilon_high`` is the
+            cap ``eps_max`` on the IS weight itself (TRL's meaning; ScaleRL uses 5.0).
         delta: dual-clip bound, caps the unclipped ratio (for negative advantages).
         entropy_coef: weight of an entropy bonus (its gradient included).
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
         loss_type: ``grpo`` (sequence mean, then mean: the published StepGRPO), ``bnpo``,
-            ``dapo``, ``dr_grpo`` (see the module docstring for the normalizers).
+            ``dapo``, ``dr_grpo``, ``luspo``, or TRL's ``cispo``, ``sapo``, ``vespo`` objectives
+            (see the module docstring for the formulas and normalizers).
         num_items_in_batch: the whole batch's normalizer, for gradient accumulation.
         max_completion_length: ``dr_grpo``'s constant (unless ``num_items_in_batch`` is given).
         egsw_alpha / egsw_temperature: entropy-guided sequence weighting; needs
@@ -323,13 +434,30 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         kl_entropy_normalizer: when given, the KL and entropy terms are a token sum divided
             by this number (a token mean, as OpenRLHF aggregates them) instead of sharing the
             policy term's ``loss_type`` weights; EGSW weights then scale the policy term only.
+        sapo_temperature_pos / sapo_temperature_neg: SAPO's gate temperatures for A > 0 / A <= 0.
+        vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg: VESPO's gamma-weight
+            parameters for A >= 0 / A < 0.
+        vespo_seq_log_weight: per sequence, added to VESPO's log IS weight (TRL: the summed log
+            of vLLM's token IS ratios).
+        top_entropy_quantile: keep the policy term (and entropy bonus) only on tokens whose
+            entropy is >= the ``1 - top_entropy_quantile`` quantile of the batch's completion
+            entropies; ``gather_entropies`` maps this call's ``[M]`` entropies to every rank's
+            (for a threshold over all processes, as TRL computes it).
+        off_policy_mask_threshold: drop the policy term of sequences with A < 0 whose mean
+            ``sampling_logp - logp`` (NaN counts 0; default ``old_logp``) exceeds it.
+        bias_correction_kl: multiply the k3 KL by the (undetached) IS ratio (TRL's default).
+        entropy_mean_divisor: when given, the entropy bonus is ``entropy_coef`` times the token
+            mean of H over the kept tokens, divided by this number (TRL: the accumulation
+            steps), whatever the loss type.  Not with ``kl_entropy_normalizer``.
 
     Returns:
         ``(loss, metrics)``: a float32 scalar differentiable w.r.t. ``hidden`` and ``weight``,
         and a dict of detached float32 scalars (means over this call's completion tokens):
         ``logp``, ``entropy``, ``kl`` (when ``ref_logp`` is given), ``clip_ratio/low_mean``,
-        ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio/min|mean|max`` and
-        ``num_tokens``.
+        ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio/min|mean|max``,
+        ``num_tokens``, with ``entropy_mean_divisor`` ``policy_loss`` (the loss without the
+        bonus), ``entropy_kept_sum`` and ``num_kept`` (the bonus's tokens),
+        ``cispo_clip_ratio`` (cispo) and ``vespo/phi_seq_mean`` (vespo).
     """
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     if loss_type not in LOSS_TYPES:
@@ -362,13 +490,26 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         raise ValueError(f"kl_clamp must be a finite number > 0, got {kl_clamp!r}")
     if kl_entropy_normalizer is not None and not float(kl_entropy_normalizer) > 0:
         raise ValueError(f"kl_entropy_normalizer must be > 0, got {kl_entropy_normalizer!r}")
+    if entropy_mean_divisor is not None:
+        if not float(entropy_mean_divisor) > 0:
+            raise ValueError(f"entropy_mean_divisor must be > 0, got {entropy_mean_divisor!r}")
+        if kl_entropy_normalizer is not None:
+            raise ValueError("pass entropy_mean_divisor or kl_entropy_normalizer, not both")
+    if loss_type == "cispo" and not epsilon_high > 0:
+        raise ValueError(f"loss_type='cispo' caps the IS weight at epsilon_high, which must be "
+                         f"> 0, got {epsilon_high!r}")
+    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
+        raise ValueError(f"sapo temperatures must be > 0, got {sapo_temperature_pos!r}, "
+                         f"{sapo_temperature_neg!r}")
+    if not 0 <= top_entropy_quantile <= 1:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile!r}")
 
     validate_inputs(hidden, weight, targets, temperature, ignore_index, backend)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         backend = "torch"  # the reference is a test oracle for fused_logprobs only
     h, y, tok = _flatten(hidden, targets, advantages, completion_mask, cu_seqlens,
-                         old_logp, ref_logp, ignore_index)
+                         old_logp, ref_logp, ignore_index, sampling_logp)
     egsw = None
     if egsw_alpha is not None:
         from fastgrpo.ops.advantages import group_index
@@ -380,7 +521,21 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            max_completion_length, egsw,
                            None if kl_clamp is None else float(kl_clamp),
                            None if kl_entropy_normalizer is None
-                           else float(kl_entropy_normalizer))
+                           else float(kl_entropy_normalizer),
+                           sapo_temperatures=(float(sapo_temperature_pos),
+                                              float(sapo_temperature_neg)),
+                           vespo_params=(float(vespo_k_pos), float(vespo_lambda_pos),
+                                         float(vespo_k_neg), float(vespo_lambda_neg)),
+                           vespo_seq_log_weight=None if vespo_seq_log_weight is None else
+                           torch.as_tensor(vespo_seq_log_weight, device=h.device).float()
+                           .reshape(tok.n_seq),
+                           top_entropy_quantile=float(top_entropy_quantile),
+                           gather_entropies=gather_entropies,
+                           off_policy_mask_threshold=None if off_policy_mask_threshold is None
+                           else float(off_policy_mask_threshold),
+                           bias_correction_kl=bool(bias_correction_kl),
+                           entropy_mean_divisor=None if entropy_mean_divisor is None
+                           else float(entropy_mean_divisor))
     # completion rows only (padding and prompts cost no FLOPs); no copy when all rows count
     h_tok = h if tok.rows.numel() == h.shape[0] else h.index_select(0, tok.rows)
     h_tok = h_tok if h_tok.stride(-1) == 1 else h_tok.contiguous()
