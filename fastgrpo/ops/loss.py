@@ -62,9 +62,14 @@ from torch import nn
 
 from fastgrpo.ops.logprobs import linear_backward, linear_forward, resolve_backend, validate_inputs
 
-__all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS"]
+__all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS", "NORMALIZERS"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# what each loss type's ``num_items_in_batch`` counts (the table in the module docstring):
+# sequences, tokens of the global batch, tokens of this rank's batch, sequences x max length
+NORMALIZERS = {"grpo": "sequences", "sapo": "sequences", "luspo": "sequences",
+               "dapo": "tokens", "cispo": "tokens", "vespo": "tokens",
+               "bnpo": "local_tokens", "dr_grpo": "sequences_x_length"}
 IS_LEVELS = ("token", "sequence")
 
 

@@ -69,10 +69,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute decoder activations in backward")
     bf16: bool = _f(True, "bf16 autocast for the backbone (CUDA only; ignored on CPU)")
     # loss
-    loss_type: str = _f("grpo", "loss normalisation: grpo (sequence mean, then mean over sequences: "
-                                "StepGRPO as published) | bnpo (token mean over this process's "
-                                "batch; ranks averaged) | dapo (token mean over the global batch) | "
-                                "dr_grpo (token sum / (sequences x --max-new-tokens))")
+    loss_type: str = _f("grpo", "objective and normalisation: grpo (sequence mean, then mean over "
+                                "sequences: StepGRPO as published) | bnpo (token mean over this "
+                                "process's batch; ranks averaged) | dapo (token mean over the global "
+                                "batch) | dr_grpo (token sum / (sequences x --max-new-tokens)) | "
+                                "cispo (weight capped at --epsilon-high) | sapo | luspo | vespo "
+                                "(TRL 1.16's definitions, fastgrpo.ops.loss)")
     beta: float = _f(0.0, "KL coefficient against the initial (reference) model; >0 keeps a frozen copy")
     epsilon_low: float = _f(0.2, "lower clip range of the ratio")
     epsilon_high: float = _f(0.0, "upper clip range of the ratio (0: same as --epsilon-low)")
@@ -135,6 +137,9 @@ class TrainConfig:
                 bad(n, "must be in [0, 1)")
         if self.loss_type not in LOSS_TYPES:
             bad("loss_type", f"unknown loss type; choose one of {', '.join(LOSS_TYPES)}")
+        if self.loss_type == "cispo" and not self.epsilon_high > 1:
+            bad("epsilon_high", "cispo caps the importance weight at --epsilon-high itself (not "
+                                "1 + eps); give a cap > 1, e.g. 5.0 as TRL's cispo default")
         if self.scale_rewards not in SCALES:
             bad("scale_rewards", f"choose one of {', '.join(SCALES)}")
         if self.importance_sampling_level not in IS_LEVELS:

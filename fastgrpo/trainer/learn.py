@@ -13,7 +13,7 @@ import math
 import torch
 
 from fastgrpo.ops.logprobs import fused_logprobs
-from fastgrpo.ops.loss import grpo_loss
+from fastgrpo.ops.loss import NORMALIZERS, grpo_loss
 from fastgrpo.trainer import distributed as dist_
 from fastgrpo.trainer.checkpoint import NonFiniteLossError, check_finite_loss
 from fastgrpo.trainer.config import TrainConfig
@@ -49,19 +49,19 @@ def batch_logprobs(model, batches: list[MicroBatch], cfg: TrainConfig) -> list[t
 
 
 def num_items(batches: list[MicroBatch], cfg: TrainConfig) -> float:
-    """The loss normalizer of the whole step (``grpo_loss``'s ``num_items_in_batch``).
-
-    grpo: sequences of the global batch; dr_grpo: those x ``max_new_tokens``; dapo: tokens of
-    the global batch; bnpo: tokens of this rank's batch x the number of ranks, i.e. each rank
-    takes its own token mean and the ranks are averaged (TRL's bnpo under data parallelism;
-    the same as dapo in one process).
+    """The loss normalizer of the whole step (``grpo_loss``'s ``num_items_in_batch``), by
+    ``ops.loss.NORMALIZERS[loss_type]``: sequences of the global batch (grpo, sapo, luspo),
+    those x ``max_new_tokens`` (dr_grpo), tokens of the global batch (dapo, cispo, vespo), or
+    tokens of this rank's batch x the number of ranks (bnpo: each rank takes its own token
+    mean and the ranks are averaged, TRL's bnpo under data parallelism; dapo in one process).
     """
-    if cfg.loss_type == "bnpo":
+    kind = NORMALIZERS[cfg.loss_type]
+    if kind == "local_tokens":
         return float(sum(mb.num_loss_tokens for mb in batches) * dist_.loss_scale())
-    if cfg.loss_type == "dapo":
+    if kind == "tokens":
         return float(dist_.global_sum(sum(mb.num_loss_tokens for mb in batches)))
     n_seq = float(dist_.global_sum(sum(mb.num_sequences for mb in batches)))
-    return n_seq * cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else n_seq
+    return n_seq * cfg.max_new_tokens if kind == "sequences_x_length" else n_seq
 
 
 def _grad_norm(params: list[torch.Tensor], cfg: TrainConfig) -> float:
