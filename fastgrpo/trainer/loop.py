@@ -196,7 +196,7 @@ class _Run:
                  "eval_before": self.before, "seconds": time.perf_counter() - self.t_start, **more}
         saved = save_checkpoint(self.out_dir, done, self.model, self.optimizer, None, extra=extra,
                                 keep_last=self.cfg.keep_last, rng_states=rng_states,
-                                write=self.main)
+                                write=self.main, trainable_only=self.cfg.lora_r > 0)
         dist_.barrier()
         return saved
 
