@@ -478,8 +478,9 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     """Load weights, optimizer, scheduler and (by default) RNG states; return ``extra``.
 
     ``rank`` picks this process's RNG state when the checkpoint holds one per rank.  A
-    checkpoint saved with ``trainable_only`` restores those parameters and keeps the frozen ones.  The file
-    ``trainer_state.pt`` is unpickled (``weights_only=False``): load only checkpoints you wrote.
+    checkpoint saved with ``trainable_only`` restores those parameters and keeps the frozen
+    ones.  The file ``trainer_state.pt`` is unpickled (``weights_only=False``): load only
+    checkpoints you wrote.
     """
     path = Path(path)
     if verify:

@@ -11,6 +11,9 @@ is synchronised like any other.  Generation uses the plain model (``fastgrpo.hf.
 with DDP the parameters are the same tensors; with FSDP2 generate inside
 :func:`gather_for_generation`.  ``wrap_model`` uses FSDP2 ``fully_shard`` (per decoder layer,
 then the root) on CUDA and DDP elsewhere (or when ``strategy="ddp"``).
+
+LoRA (``--lora-r``): :func:`apply_lora` puts peft adapters into the model (in place) and
+freezes the rest; :func:`save_lora` writes the merged model and the adapter.
 """
 
 from __future__ import annotations
