@@ -24,7 +24,7 @@ API (everything a training loop needs)::
 Layout on disk::
 
     run_dir/checkpoints/step-00000012/
-        model.safetensors     the model's weights (tied weights stored once; safetensors.torch.save_model)
+        model.safetensors     the model's weights (tied weights stored once; LoRA: the adapters only)
         trainer_state.pt      optimizer, scheduler, RNG states (python, numpy, torch CPU, CUDA), extra
         manifest.json         written LAST: step, size and sha256 of every other file
 
@@ -322,7 +322,7 @@ def _write_atomically(root: Path, step: int, tensors: dict, state: dict) -> Path
 def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
                     extra: dict | None = None, *, keep_last: int | None = None,
                     rng_states: list[dict] | None = None, write: bool = True,
-                    allow_non_finite: bool = False) -> Path | None:
+                    allow_non_finite: bool = False, trainable_only: bool = False) -> Path | None:
     """Atomically write ``run_dir/checkpoints/step-{step:08d}/``; returns its path.
 
     Args:
@@ -335,6 +335,8 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
             process's ``capture_rng_state()``.
         write: False on non-zero ranks of an FSDP2 run (they join the gathering only).
         allow_non_finite: write even when a parameter is NaN/inf (default: refuse).
+        trainable_only: store only the parameters that require grad (LoRA: the adapters; the
+            frozen base is the run's ``--model`` again at resume).
 
     An existing checkpoint of the same step is replaced (the old one is moved aside first,
     so a valid checkpoint exists at every instant).
@@ -346,6 +348,10 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
     model_sd, optim_sd = _full_state_dicts(model, optimizer)
     if not write:
         return None
+    if trainable_only:
+        trainable = {n for n, p in model.named_parameters(remove_duplicate=False)
+                     if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
     if not allow_non_finite:
         for k, t in model_sd.items():
             if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
@@ -358,6 +364,7 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
         "optimizer": optim_sd,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_states if rng_states is not None else [capture_rng_state()],
+        "trainable_only": trainable_only,
         "extra": {**(extra or {}), "step": step},
         "time": time.time(),
     }
@@ -470,8 +477,10 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
                     map_location="cpu") -> dict:
     """Load weights, optimizer, scheduler and (by default) RNG states; return ``extra``.
 
-    ``rank`` picks this process's RNG state when the checkpoint holds one per rank.  The file
-    ``trainer_state.pt`` is unpickled (``weights_only=False``): load only checkpoints you wrote.
+    ``rank`` picks this process's RNG state when the checkpoint holds one per rank.  A
+    checkpoint saved with ``trainable_only`` restores those parameters and keeps the frozen
+    ones.  The file ``trainer_state.pt`` is unpickled (``weights_only=False``): load only
+    checkpoints you wrote.
     """
     path = Path(path)
     if verify:
@@ -497,6 +506,10 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     else:
         full = _fill_tied(tensors, model)
         missing, unexpected = model.load_state_dict(full, strict=False)
+        if state.get("trainable_only"):  # the frozen parameters are the model's own
+            frozen = {n for n, p in model.named_parameters(remove_duplicate=False)
+                      if not p.requires_grad}
+            missing = [k for k in missing if k not in frozen]
         if unexpected or missing:
             raise CheckpointError(f"checkpoint {path} does not match the model: missing "
                                   f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")

@@ -25,6 +25,7 @@ from fastgrpo.trainer.attention import BACKENDS as ATTENTION_BACKENDS
 __all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "explicit_fields"]
 
 DP_STRATEGIES = ("auto", "ddp", "fsdp")
+LORA_TARGET = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,12 @@ class TrainConfig:
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
     importance_sampling_level: str = _f("token", "importance ratio level: token | sequence (GSPO)")
     backend: str = _f("auto", "fused kernel backend: " + " | ".join(BACKENDS))
+    lora_r: int = _f(0, "LoRA rank: train low-rank adapters (peft) on a frozen base model; 0: off "
+                        "(full fine-tuning). The --beta reference is the base (adapters disabled)")
+    lora_alpha: float = _f(16.0, "LoRA alpha (the adapter update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA adapters' input")
+    lora_target: str = _f(LORA_TARGET, "comma-separated names of the modules that get adapters "
+                                       "(default: a Llama-style model's attention and MLP projections)")
     # rewards and advantages
     rewards: str = _f("", "the reward set, replacing the default StepRAR + StepRVR: comma-separated "
                           "name[=weight], each a built-in (accuracy, step_rar, step_rvr, step_k, "
@@ -146,6 +153,14 @@ class TrainConfig:
             bad("importance_sampling_level", f"choose one of {', '.join(IS_LEVELS)}")
         if self.backend not in BACKENDS:
             bad("backend", f"choose one of {', '.join(BACKENDS)}")
+        if self.lora_r < 0:
+            bad("lora_r", "must be >= 0 (0: no LoRA)")
+        if self.lora_r and not self.lora_alpha > 0:
+            bad("lora_alpha", "must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if self.lora_r and not self.lora_target.replace(",", "").strip():
+            bad("lora_target", "names no module (give comma-separated module names, e.g. q_proj,v_proj)")
         if self.keep_last < 1:
             bad("keep_last", "must be >= 1")
         if self.dp_strategy not in DP_STRATEGIES:

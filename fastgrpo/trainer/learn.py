@@ -48,6 +48,15 @@ def batch_logprobs(model, batches: list[MicroBatch], cfg: TrainConfig) -> list[t
     return out
 
 
+def _ref_logprobs(ref_model, policy, batches: list[MicroBatch], cfg: TrainConfig) -> list[torch.Tensor]:
+    """The reference log-probs: ``ref_model``'s, or, when ``ref_model`` is the peft model whose
+    adapters sit in the policy (LoRA), the policy's own with the adapters disabled (no copy)."""
+    if hasattr(ref_model, "disable_adapter"):
+        with ref_model.disable_adapter():
+            return batch_logprobs(policy, batches, cfg)
+    return batch_logprobs(ref_model, batches, cfg)
+
+
 def num_items(batches: list[MicroBatch], cfg: TrainConfig) -> float:
     """The loss normalizer of the whole step (``grpo_loss``'s ``num_items_in_batch``), by
     ``ops.loss.NORMALIZERS[loss_type]``: sequences of the global batch (grpo, sapo, luspo),
@@ -124,14 +133,17 @@ def optimize(model, optimizer, batches: list[MicroBatch], cfg: TrainConfig, ref_
     optimizer step each.  Returns token-weighted means of the loss metrics (over all ranks).
 
     ``model``: a causal LM or the policy from ``policy.wrap_model`` (then every rank calls this
-    with the same number of micro-batches).  ``step`` (1-based) names the step in the
+    with the same number of micro-batches).  ``ref_model`` (used when ``cfg.beta > 0``): a
+    frozen copy of the initial model, or for LoRA the peft model (``policy.apply_lora``) whose
+    adapters sit in ``model``: the reference is then ``model`` with its adapters disabled.
+    ``step`` (1-based) names the step in the
     ``NonFiniteLossError`` raised, before ``optimizer.step()``, when a micro-batch loss or the
     gradient norm is NaN/inf (on any rank); its ``params_updated`` tells whether an earlier PPO
     epoch of this step had already changed the parameters.
     """
     policy = as_policy(model)
     if cfg.beta > 0 and ref_model is not None:
-        for mb, lp in zip(batches, batch_logprobs(ref_model, batches, cfg)):
+        for mb, lp in zip(batches, _ref_logprobs(ref_model, policy, batches, cfg)):
             mb.extras["ref_logp"] = lp
     if cfg.ppo_epochs > 1:
         for mb, lp in zip(batches, batch_logprobs(policy, batches, cfg)):

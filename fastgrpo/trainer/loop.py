@@ -67,7 +67,7 @@ from fastgrpo.trainer.config import ConfigError, TrainConfig, explicit_fields, p
 from fastgrpo.trainer.learn import NO_UPDATE_METRICS, batch_logprobs, lr_at, optimize
 from fastgrpo.trainer.logs import Progress, RunLog, peak_memory_mb
 from fastgrpo.trainer.packing import MicroBatch, balance_microbatches, pack_bins
-from fastgrpo.trainer.policy import gather_for_generation, load_model, wrap_model
+from fastgrpo.trainer.policy import apply_lora, gather_for_generation, load_model, save_lora, wrap_model
 from fastgrpo.trainer.prompts import PromptOrder
 from fastgrpo.trainer.rollout import Rollout, generate
 from fastgrpo.trainer.sample import Sample
@@ -159,7 +159,7 @@ class _Run:
     info: dist_.DistInfo
     device: torch.device
     out_dir: Path
-    model: torch.nn.Module                 # the plain causal LM (generation, eval, saving)
+    model: torch.nn.Module                 # the plain causal LM, or its peft model (LoRA)
     policy: torch.nn.Module                # the same, wrapped for data parallelism
     ref_model: torch.nn.Module | None
     tokenizer: object
@@ -196,7 +196,7 @@ class _Run:
                  "eval_before": self.before, "seconds": time.perf_counter() - self.t_start, **more}
         saved = save_checkpoint(self.out_dir, done, self.model, self.optimizer, None, extra=extra,
                                 keep_last=self.cfg.keep_last, rng_states=rng_states,
-                                write=self.main)
+                                write=self.main, trainable_only=self.cfg.lora_r > 0)
         dist_.barrier()
         return saved
 
@@ -245,11 +245,16 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
         model.config.use_cache = True  # generation still uses the KV cache
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    if cfg.lora_r:  # model: the peft model; only its adapters train
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target=cfg.lora_target,
+                           dropout=cfg.lora_dropout)
+    ref_model = None  # the KL reference: a frozen copy of the initial model, or (LoRA) the
+    if cfg.beta > 0:  # peft model: learn.optimize disables its adapters (no copy)
+        ref_model = model if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
     policy = wrap_model(model, device, strategy=cfg.dp_strategy)
     layout = TAG_LAYOUT if preset is not None and preset.layout == "tag" else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     encode = encode_prompt
     if preset is not None and preset.use_chat_template:
         from fastgrpo.trainer.presets import encode_chat_prompt
@@ -510,7 +515,10 @@ def _finish(r: _Run, history: list[dict]) -> dict:
         from fastgrpo.trainer.plot import plot_curves
         plot_curves(history, before, after, r.out_dir / "curves.png")
     if cfg.save:
-        r.model.save_pretrained(r.out_dir / "model", **({} if full_sd is None else {"state_dict": full_sd}))
+        if cfg.lora_r:  # the merged full model, and the adapter alone in model/adapter
+            save_lora(r.model, r.out_dir / "model", full_sd)
+        else:
+            r.model.save_pretrained(r.out_dir / "model", **({} if full_sd is None else {"state_dict": full_sd}))
         r.tokenizer.save_pretrained(r.out_dir / "model")
     print(f"held-out greedy ({len(r.eval_rows)} problems)   accuracy   validity\n"
           f"  before StepGRPO                {before['accuracy']:8.3f}   {before['validity']:8.3f}\n"

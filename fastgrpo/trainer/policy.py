@@ -11,6 +11,9 @@ is synchronised like any other.  Generation uses the plain model (``fastgrpo.hf.
 with DDP the parameters are the same tensors; with FSDP2 generate inside
 :func:`gather_for_generation`.  ``wrap_model`` uses FSDP2 ``fully_shard`` (per decoder layer,
 then the root) on CUDA and DDP elsewhere (or when ``strategy="ddp"``).
+
+LoRA (``--lora-r``): :func:`apply_lora` puts peft adapters into the model (in place) and
+freezes the rest; :func:`save_lora` writes the merged model and the adapter.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fastgrpo.hf import backbone_output, lm_head_weight
+from fastgrpo.hf import backbone_output, lm_head_weight, unwrap_model
 from fastgrpo.tasks.tiny_model import WARMUP_DIR
+from fastgrpo.trainer.config import ConfigError
 from fastgrpo.trainer.distributed import is_distributed
 from fastgrpo.trainer.packing import MicroBatch
 
 __all__ = ["load_model", "PolicyHiddenStates", "wrap_model", "as_policy", "policy_hidden_states",
-           "sync_gradients", "gather_for_generation"]
+           "sync_gradients", "gather_for_generation", "apply_lora", "merged_lora_state_dict",
+           "save_lora"]
 
 
 def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None,
@@ -93,7 +98,7 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
 
 def wrap_model(model: torch.nn.Module, device=None, *, strategy: str = "auto",
                mixed_precision: bool = False) -> torch.nn.Module:
-    """Wrap ``model`` (a HF causal LM) for data-parallel training.
+    """Wrap ``model`` (a HF causal LM, or a peft model of one) for data-parallel training.
 
     Returns a module whose forward gives ``(hidden, lm_head_weight)`` (``PolicyHiddenStates``):
     not distributed -> the plain ``PolicyHiddenStates``; ``strategy="auto"`` -> FSDP2
@@ -102,6 +107,7 @@ def wrap_model(model: torch.nn.Module, device=None, *, strategy: str = "auto",
     parameters by sharded DTensors).  ``mixed_precision`` (FSDP2 only): bf16 compute, fp32
     gradient reduction.
     """
+    model = unwrap_model(model)  # a peft model: its adapters live inside the HF model
     policy = PolicyHiddenStates(model)
     if not is_distributed():
         return policy
@@ -187,7 +193,7 @@ def as_policy(model: torch.nn.Module) -> torch.nn.Module:
     :func:`wrap_model` as it is, a plain causal LM wrapped (no copy) on the fly."""
     if isinstance(model, (PolicyHiddenStates, DistributedDataParallel)):
         return model
-    return PolicyHiddenStates(model)
+    return PolicyHiddenStates(unwrap_model(model))
 
 
 def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool = False):
@@ -200,3 +206,71 @@ def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool =
         hidden, weight = policy(mb.input_ids, mb.position_ids, cu_seqlens=mb.cu_seqlens,
                                 max_seqlen=mb.max_seqlen)
     return hidden, weight.to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------- LoRA (peft)
+
+
+def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, target: str, dropout: float = 0.0):
+    """``model`` (a HF causal LM) with LoRA adapters of rank ``r`` in the modules named in
+    ``target`` (comma-separated last name components, e.g. ``"q_proj,v_proj"``): a peft
+    ``PeftModelForCausalLM``.  Only the adapters train; every base weight, the lm_head
+    included, is frozen.  The adapters are injected into ``model`` itself (no copy):
+    ``unwrap_model(result) is model``, and ``result.disable_adapter()`` gives the base model.
+
+    ``ConfigError`` (naming the value) when a name in ``target`` matches no module of ``model``.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError(f"--lora-r {r} needs peft: pip install 'fastgrpo[lora]'") from None
+    names = [t.strip() for t in target.split(",") if t.strip()]
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    missing = [t for t in names if t not in present]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"invalid --lora-target {target!r}: no module named "
+                          f"{', '.join(map(repr, missing))} in {type(model).__name__} "
+                          f"(its linear layers: {', '.join(linear)})")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                        bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. a target of a type peft cannot adapt
+        raise ConfigError(f"invalid --lora-target {target!r}: {e}") from None
+
+
+def merged_lora_state_dict(peft_model, state_dict: dict | None = None) -> dict:
+    """The plain model's state dict with each LoRA adapter merged into its base weight
+    (``W + scaling * B @ A``, computed in float32): the keys and weights a model without
+    adapters loads.  ``state_dict``: ``peft_model``'s own (default), or its gathered full
+    state dict under FSDP2.  Leaves the model untouched."""
+    from peft.tuners.lora import LoraLayer
+
+    sd = dict(peft_model.state_dict() if state_dict is None else state_dict)
+    for name, layer in peft_model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for adapter in layer.active_adapters:
+            a = sd[f"{name}.lora_A.{adapter}.weight"].float()
+            b = sd[f"{name}.lora_B.{adapter}.weight"].float()
+            delta = (b @ a) * layer.scaling[adapter]
+            key = f"{name}.base_layer.weight"
+            w = sd[key]
+            sd[key] = (w.float() + (delta.T if layer.fan_in_fan_out else delta)).to(w.dtype)
+    prefix = "base_model.model."
+    return {k.removeprefix(prefix).replace(".base_layer.", "."): v
+            for k, v in sd.items() if ".lora_" not in k}
+
+
+def save_lora(peft_model, directory, state_dict: dict | None = None) -> None:
+    """A LoRA run's final model: ``directory`` holds the *merged* full model (what
+    ``--model`` and ``AutoModelForCausalLM.from_pretrained`` load) and ``directory/adapter``
+    the adapter alone (peft's ``save_pretrained``: ``PeftModel.from_pretrained(base, ...)``).
+    ``state_dict``: the gathered full state dict under FSDP2 (else the model's own)."""
+    directory = Path(directory)
+    unwrap_model(peft_model).save_pretrained(directory,
+                                             state_dict=merged_lora_state_dict(peft_model, state_dict))
+    peft_model.save_pretrained(directory / "adapter", save_embedding_layers=False,
+                               **({} if state_dict is None else {"state_dict": state_dict}))
