@@ -20,7 +20,8 @@ Robustness and scale (all off or automatic by default):
 * ``--save-every N`` writes an atomic, verified checkpoint (weights, optimizer, RNG states, data
   position) to ``<out-dir>/checkpoints/step-N`` (``--keep-last`` of them are kept);
   ``--resume auto`` (or a directory) continues a killed run exactly where it stopped: the
-  same LR schedule, data order and random numbers, metrics appended to ``metrics.jsonl``.
+  same LR schedule, data order and random numbers, metrics appended to ``metrics.jsonl``;
+  checkpoints hold ``config.json`` and the tokenizer too, so each one loads as ``--model``.
 * A NaN/inf loss or gradient norm stops the run before the optimizer step with an error naming
   the step (exit code 3); when the parameters are still finite, a checkpoint of the last
   completed step is written first (its ``extra["stopped"]`` says why).
@@ -33,8 +34,14 @@ Robustness and scale (all off or automatic by default):
 
 Defaults: the shipped warm-up checkpoint (``fastgrpo/tasks/assets/warmup``) on the built-in
 arithmetic task; runs on a 2-core CPU in a few minutes and prints held-out greedy accuracy and
-validity before and after.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one JSON line per
-step, also on stdout), ``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
+validity before and after.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one strict JSON line
+per step, NaN/inf as null; stdout gets a short human line under ``--no-progress``),
+``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
+
+The run owns ``--out-dir`` (``outdir.py``: a pid lock file; a fresh run refuses an earlier
+run's outputs unless ``--overwrite``); a resume must match the checkpoint's run identity
+(``run_identity``, or ``--resume-force``); SIGINT/SIGTERM finish the step, checkpoint it and
+exit 130/143 (a second signal exits at once).
 """
 
 from __future__ import annotations
