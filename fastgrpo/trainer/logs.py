@@ -146,7 +146,7 @@ class RunLog:
 
     def sample(self, row: dict) -> None:
         if self.enabled:
-            self.samples_f.write(json.dumps(row) + "\n")
+            self.samples_f.write(to_json(row) + "\n")
             self.samples_f.flush()
 
     def close(self) -> None:

@@ -95,7 +95,10 @@ _RUNTIME_FIELDS = {"resume", "out_dir", "save_every", "keep_last", "progress", "
 
 
 def _identity_fields(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _RUNTIME_FIELDS}
+    """The run-defining options of a config dict; one saved before an option existed counts
+    as having had its default."""
+    full = {**dataclasses.asdict(TrainConfig()), **config}
+    return {k: v for k, v in full.items() if k not in _RUNTIME_FIELDS}
 
 
 def run_identity(config: TrainConfig | dict) -> str:
@@ -207,6 +210,7 @@ class _Run:
     before: dict | None = None             # held-out eval of the initial model
     t_start: float = 0.0
     prompt_cache: dict = field(default_factory=dict)
+    run_id: str = ""                       # the run identity its checkpoints record
 
     @property
     def main(self) -> bool:
@@ -227,7 +231,7 @@ class _Run:
     def checkpoint(self, done: int, data_state: dict, rng_states: list[dict], **more) -> Path | None:
         extra = {"data": data_state, "config": dataclasses.asdict(self.cfg),
                  "eval_before": self.before, "seconds": time.perf_counter() - self.t_start, **more}
-        extra["run_id"] = run_id = run_identity(self.cfg)
+        extra["run_id"] = run_id = self.run_id or run_identity(self.cfg)
         saved = save_checkpoint(self.out_dir, done, self.model, self.optimizer, None, extra=extra,
                                 keep_last=self.cfg.keep_last, rng_states=rng_states,
                                 write=self.main, run_id=run_id, save_extra=self._save_model_files)
@@ -343,17 +347,18 @@ def _resume(r: _Run) -> dict:
                               f"fastgrpo.train); cannot resume from it")
     saved, now = extra.get("config") or {}, dataclasses.asdict(cfg)
     saved_id = extra.get("run_id") or run_identity(saved)
-    if saved_id != run_identity(now):
-        a, b = _identity_fields(saved), _identity_fields(now)
-        diff = ", ".join(f"--{k.replace('_', '-')} {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
-                         for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    a, b = _identity_fields(saved), _identity_fields(now)
+    diff = ", ".join(f"--{k.replace('_', '-')} {a[k]!r} -> {b[k]!r}" for k in sorted(b) if a[k] != b[k])
+    if diff:
         msg = (f"checkpoint {path} is of another run (identity {saved_id}, this run's is "
-               f"{run_identity(now)}): {diff or 'options differ'}")
+               f"{run_identity(now)}): {diff}")
         if not cfg.resume_force:
             raise CheckpointError(msg + "; resume with that run's options, or pass --resume-force "
                                         "to continue it under these")
         if r.main:
             print(f"warning: {msg}; continuing under the new options (--resume-force)", file=sys.stderr)
+    else:
+        r.run_id = saved_id  # the same run (a saved config may predate an option): keep its id
     r.prompts.load_state_dict(data)
     r.start, r.before = int(extra["step"]), extra.get("eval_before")
     if r.main:
