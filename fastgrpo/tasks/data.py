@@ -15,13 +15,22 @@ class DataError(ValueError):
 
 
 def load_jsonl(path: str | os.PathLike, required: Iterable[str] = ("prompt", "answer")) -> list[dict]:
-    """Read rows from a JSONL file; errors name the file and the 1-based line number."""
+    """Read rows from a JSONL file; errors name the file, the 1-based line number and the field.
+
+    ``prompt`` must be a string; ``answer`` a string or a number (numbers become strings);
+    ``key_steps``, when present and not null, a list whose items are strings or lists of
+    strings (a string ``s`` becomes the group ``[s]``).  Other fields are kept as they are."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {str(p)!r}")
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -34,17 +43,36 @@ def load_jsonl(path: str | os.PathLike, required: Iterable[str] = ("prompt", "an
             if missing:
                 raise DataError(f"{p}:{lineno}: missing required field(s) {', '.join(map(repr, missing))}")
             if not isinstance(row["prompt"], str):
-                raise DataError(f"{p}:{lineno}: field 'prompt' must be a string")
-            row["answer"] = str(row["answer"])
+                raise DataError(f"{p}:{lineno}: field 'prompt' must be a string, got "
+                                f"{json.dumps(row['prompt'])}")
+            if "answer" in row:
+                a = row["answer"]
+                if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+                    raise DataError(f"{p}:{lineno}: field 'answer' must be a string or a number, "
+                                    f"got {json.dumps(a)}")
+                row["answer"] = str(a)
             ks = row.get("key_steps")
             if ks is not None:
-                if not isinstance(ks, list):
-                    raise DataError(f"{p}:{lineno}: field 'key_steps' must be a list of lists of strings")
-                row["key_steps"] = [[g] if isinstance(g, str) else list(g) for g in ks]
+                row["key_steps"] = _key_steps(ks, f"{p}:{lineno}")
             rows.append(row)
     if not rows:
         raise DataError(f"data file is empty: {str(p)!r}")
     return rows
+
+
+def _key_steps(ks, where: str) -> list[list[str]]:
+    def bad():
+        return DataError(f"{where}: field 'key_steps' must be a list of strings or of lists of "
+                         f"strings (alternative forms of one step), got {json.dumps(ks)}")
+    if not isinstance(ks, list):
+        raise bad()
+    out = []
+    for g in ks:
+        group = [g] if isinstance(g, str) else g
+        if not isinstance(group, list) or not all(isinstance(x, str) for x in group):
+            raise bad()
+        out.append(list(group))
+    return out
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:

@@ -84,6 +84,7 @@ __all__ = [
     "NonFiniteLossError",
     "capture_rng_state",
     "check_finite_loss",
+    "checkpoint_run_id",
     "find_latest_valid",
     "list_checkpoints",
     "load_checkpoint",
@@ -275,7 +276,8 @@ def _full_state_dicts(model, optimizer) -> tuple[dict, dict | None]:
     return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
 
 
-def _write_atomically(root: Path, step: int, tensors: dict, state: dict) -> Path:
+def _write_atomically(root: Path, step: int, tensors: dict, state: dict, *,
+                      run_id: str | None = None, save_extra=None) -> Path:
     """Write ``root/step-N/`` (weights, trainer state, manifest with sizes and sha256) into a
     temporary directory, fsync it, then rename it into place; an existing checkpoint of the
     same step is moved aside first, so a valid checkpoint exists at every instant."""
@@ -290,13 +292,17 @@ def _write_atomically(root: Path, step: int, tensors: dict, state: dict) -> Path
     try:
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
         torch.save(state, tmp / STATE_FILE)
+        if save_extra is not None:  # e.g. config.json + tokenizer: the directory loads as --model
+            save_extra(tmp)
         files = {}
-        for name in (MODEL_FILE, STATE_FILE):
-            p = tmp / name
-            _fsync_file(p)
-            files[name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                _fsync_file(p)
+                files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
         manifest = {"format": FORMAT_VERSION, "step": step, "files": files,
                     "torch": torch.__version__, "time": time.time()}
+        if run_id is not None:
+            manifest["run_id"] = run_id
         mpath = tmp / MANIFEST_FILE
         with open(mpath, "w") as f:
             json.dump(manifest, f, indent=1)
@@ -322,7 +328,8 @@ def _write_atomically(root: Path, step: int, tensors: dict, state: dict) -> Path
 def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
                     extra: dict | None = None, *, keep_last: int | None = None,
                     rng_states: list[dict] | None = None, write: bool = True,
-                    allow_non_finite: bool = False, trainable_only: bool = False) -> Path | None:
+                    allow_non_finite: bool = False, trainable_only: bool = False,
+                    run_id: str | None = None, save_extra=None) -> Path | None:
     """Atomically write ``run_dir/checkpoints/step-{step:08d}/``; returns its path.
 
     Args:
@@ -337,6 +344,10 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
         allow_non_finite: write even when a parameter is NaN/inf (default: refuse).
         trainable_only: store only the parameters that require grad (LoRA: the adapters; the
             frozen base is the run's ``--model`` again at resume).
+        run_id: the run's identity, recorded in the manifest; pruning then touches only the
+            checkpoints of that run.
+        save_extra: ``f(directory)`` writing more files into the checkpoint (listed in the
+            manifest), e.g. the model config and tokenizer so it loads as a model directory.
 
     An existing checkpoint of the same step is replaced (the old one is moved aside first,
     so a valid checkpoint exists at every instant).
@@ -368,11 +379,20 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, 
         "extra": {**(extra or {}), "step": step},
         "time": time.time(),
     }
-    final = _write_atomically(_ckpt_root(run_dir), step, _shared_free_state_dict(model_sd, model), state)
+    final = _write_atomically(_ckpt_root(run_dir), step, _shared_free_state_dict(model_sd, model),
+                              state, run_id=run_id, save_extra=save_extra)
     log.info("saved checkpoint %s", final)
     if keep_last is not None:
-        prune(run_dir, keep_last)
+        prune(run_dir, keep_last, run_id=run_id, keep=(final,))
     return final
+
+
+def checkpoint_run_id(path) -> str | None:
+    """The run identity recorded in a checkpoint's manifest (None: not recorded)."""
+    try:
+        return json.loads((Path(path) / MANIFEST_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------- find / verify
@@ -556,18 +576,23 @@ def _fill_tied(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tenso
 # ----------------------------------------------------------------------------- prune
 
 
-def prune(run_dir, keep_last: int) -> list[Path]:
+def prune(run_dir, keep_last: int, *, run_id: str | None = None, keep=()) -> list[Path]:
     """Delete all but the ``keep_last`` newest (highest-step) checkpoints and any leftover
     ``.tmp-*`` / ``.old-*`` directories of dead writers; returns what was removed.
 
     The newest *valid* checkpoint (size check) is always kept, even when newer ones are
-    corrupt, so pruning never leaves a run without a usable checkpoint.
+    corrupt, so pruning never leaves a run without a usable checkpoint; so are the paths in
+    ``keep`` (the one just written).  With ``run_id``, only checkpoints whose manifest records
+    that run identity are considered: another run's checkpoints are never deleted, nor can
+    they (by having higher steps) push this run's newest one out.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     removed = []
     ckpts = list_checkpoints(run_dir)
-    keep = {p for _, p in ckpts[:keep_last]}
+    if run_id is not None:
+        ckpts = [(s, p) for s, p in ckpts if checkpoint_run_id(p) == run_id]
+    keep = {Path(p) for p in keep} | {p for _, p in ckpts[:keep_last]}
     for _, p in ckpts:
         if verify_checkpoint(p, check_hash=False)[0]:
             keep.add(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "expl
 
 DP_STRATEGIES = ("auto", "ddp", "fsdp")
 LORA_TARGET = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+REPORT_TO = ("none", "tensorboard")
 
 
 class ConfigError(ValueError):
@@ -104,11 +106,19 @@ class TrainConfig:
     plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
     save: bool = _f(True, "save the final model to <out_dir>/model")
     progress: bool = _f(True, "progress bar on stderr")
+    report_to: str = _f("none", "metrics loggers besides metrics.jsonl: none | tensorboard (into <out_dir>/tb)")
+    collapse_warn_steps: int = _f(5, "warn when every group had equal rewards (nothing trains) for N "
+                                     "consecutive steps (0: never)")
     # checkpoints and resume
     save_every: int = _f(0, "write a resumable checkpoint to <out_dir>/checkpoints/step-N every N steps (0: never)")
     keep_last: int = _f(3, "checkpoints kept on disk (older ones are pruned; the newest valid one always stays)")
     resume: str = _f("", "resume from a checkpoint: DIR (a step-N checkpoint or a run directory) | auto "
-                         "(newest valid checkpoint of --out-dir; starts fresh when there is none)")
+                         "(newest valid checkpoint of --out-dir; starts fresh only when --out-dir "
+                         "holds no earlier run's outputs)")
+    resume_force: bool = _f(False, "resume even when the checkpoint's run identity (model, data, seed, "
+                                   "hyper-parameters) differs from this run's options")
+    overwrite: bool = _f(False, "start fresh in an --out-dir that holds an earlier run: delete its "
+                                "metrics, samples, summary, plot, model, checkpoints and tb/ first")
     # hardware, presets, parallelism
     attn_implementation: str = _f("auto", "attention backend: auto | flash_attention_2 | xformers | sdpa | eager "
                                           "(auto: flash-attn, then xformers on CUDA, else sdpa)")
@@ -119,6 +129,27 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         def bad(name, why):
             raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f.name, "must be a finite number")
+        if self.device != "auto":
+            import torch
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                dev = None
+            if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+                bad("device", "choose auto, cpu, cuda, cuda:N or mps")
+        if self.report_to not in REPORT_TO:
+            bad("report_to", f"choose one of {', '.join(REPORT_TO)} (wandb is not supported yet)")
+        if self.report_to == "tensorboard":
+            import importlib.util
+            if importlib.util.find_spec("tensorboard") is None:
+                bad("report_to", "needs the tensorboard package (pip install tensorboard)")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"--overwrite deletes the run that --resume {self.resume!r} would "
+                              f"continue; give one of them")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if self.group_size < 2:
@@ -127,7 +158,8 @@ class TrainConfig:
                   "max_new_tokens", "gen_batch_size", "eval_size"):
             if getattr(self, n) < 1:
                 bad(n, "must be >= 1")
-        for n in ("warmup_steps", "eval_every", "sample_every", "threads", "save_every"):
+        for n in ("warmup_steps", "eval_every", "sample_every", "threads", "save_every",
+                  "collapse_warn_steps"):
             if getattr(self, n) < 0:
                 bad(n, "must be >= 0")
         if not self.temperature > 0:

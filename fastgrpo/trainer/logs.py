@@ -7,13 +7,14 @@ logged a step after its last checkpoint) are dropped before appending.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["RunLog", "Progress", "peak_memory_mb", "restore_log", "to_json"]
+__all__ = ["RunLog", "Progress", "peak_memory_mb", "restore_log", "to_json", "json_safe", "step_line"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -22,8 +23,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def json_safe(obj):
+    """``obj`` with every NaN/inf float replaced by None (JSON null), at full precision."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def to_json(metrics: dict) -> str:
-    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
+    """One strict-JSON line: floats at full precision, NaN/inf as null."""
+    return json.dumps(json_safe(metrics), allow_nan=False)
+
+
+def step_line(m: dict, total: int) -> str:
+    """The short human line a step prints on stdout (the full record is in metrics.jsonl)."""
+    def f(k, fmt):
+        v = m.get(k)
+        return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+    return (f"step {m['step']}/{total}  reward {f('reward/mean', '.3f')}  acc {f('accuracy', '.2f')}  "
+            f"kept {f('kept_frac', '.2f')}  loss {f('loss', '.4f')}  kl {f('kl', '.4f')}")
 
 
 def restore_log(path: Path, start: int) -> list[dict]:
@@ -85,34 +107,49 @@ class RunLog:
 
     ``start > 0`` (a resumed run) keeps the logged steps up to ``start`` and appends."""
 
-    def __init__(self, out_dir: Path, start: int, enabled: bool):
+    def __init__(self, out_dir: Path, start: int, enabled: bool, *, total: int = 0,
+                 report_to: str = "none", stdout: bool = True):
         self.history: list[dict] = []
         self.enabled = enabled
-        self.metrics_f = self.samples_f = None
+        self.total, self.stdout = total, stdout
+        self.metrics_f = self.samples_f = self.tb = None
         if not enabled:
             return
         if start > 0:
-            self.history = restore_log(out_dir / "metrics.jsonl", start)
+            self.history = [{k: math.nan if v is None else v for k, v in row.items()}  # null: NaN
+                            for row in restore_log(out_dir / "metrics.jsonl", start)]
             restore_log(out_dir / "samples.jsonl", start)
         mode = "a" if start > 0 else "w"
         self.metrics_f = (out_dir / "metrics.jsonl").open(mode)
         self.samples_f = (out_dir / "samples.jsonl").open(mode)
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError(f"--report-to tensorboard needs the tensorboard package "
+                                  f"(pip install tensorboard): {e}") from None
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start + 1 if start else None)
 
     def metrics(self, m: dict) -> None:
         if not self.enabled:
             return
-        line = to_json(m)
-        self.metrics_f.write(line + "\n")
+        self.metrics_f.write(to_json(m) + "\n")
         self.metrics_f.flush()
-        print(line, flush=True)
+        if self.stdout:
+            print(step_line(m, self.total), flush=True)
+        if self.tb is not None:
+            for k, v in m.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, m["step"])
+            self.tb.flush()
         self.history.append(m)
 
     def sample(self, row: dict) -> None:
         if self.enabled:
-            self.samples_f.write(json.dumps(row) + "\n")
+            self.samples_f.write(to_json(row) + "\n")
             self.samples_f.flush()
 
     def close(self) -> None:
-        for f in (self.metrics_f, self.samples_f):
+        for f in (self.metrics_f, self.samples_f, self.tb):
             if f is not None:
                 f.close()

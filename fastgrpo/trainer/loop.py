@@ -20,7 +20,8 @@ Robustness and scale (all off or automatic by default):
 * ``--save-every N`` writes an atomic, verified checkpoint (weights, optimizer, RNG states, data
   position) to ``<out-dir>/checkpoints/step-N`` (``--keep-last`` of them are kept);
   ``--resume auto`` (or a directory) continues a killed run exactly where it stopped: the
-  same LR schedule, data order and random numbers, metrics appended to ``metrics.jsonl``.
+  same LR schedule, data order and random numbers, metrics appended to ``metrics.jsonl``;
+  checkpoints hold ``config.json`` and the tokenizer too, so each one loads as ``--model``.
 * A NaN/inf loss or gradient norm stops the run before the optimizer step with an error naming
   the step (exit code 3); when the parameters are still finite, a checkpoint of the last
   completed step is written first (its ``extra["stopped"]`` says why).
@@ -33,18 +34,27 @@ Robustness and scale (all off or automatic by default):
 
 Defaults: the shipped warm-up checkpoint (``fastgrpo/tasks/assets/warmup``) on the built-in
 arithmetic task; runs on a 2-core CPU in a few minutes and prints held-out greedy accuracy and
-validity before and after.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one JSON line per
-step, also on stdout), ``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
+validity before and after.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one strict JSON line
+per step, NaN/inf as null; stdout gets a short human line under ``--no-progress``),
+``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
+
+The run owns ``--out-dir`` (``outdir.py``: a pid lock file; a fresh run refuses an earlier
+run's outputs unless ``--overwrite``); a resume must match the checkpoint's run identity
+(``run_identity``, or ``--resume-force``); SIGINT/SIGTERM finish the step, checkpoint it and
+exit 130/143 (a second signal exits at once).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +63,20 @@ from typing import Callable
 import torch
 
 from fastgrpo.ops.advantages import constant_groups, group_advantages
-from fastgrpo.rewards import (TAG_LAYOUT, RewardResult, RewardSet, default_reward_set,
+from fastgrpo.rewards import (TAG_LAYOUT, RewardError, RewardResult, RewardSet, default_reward_set,
                               load_reward_function, reward_set_from_spec)
 from fastgrpo.tasks.arithmetic import make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer import distributed as dist_
 from fastgrpo.trainer.attention import AttentionBackendError, apply_attention, select_attention
-from fastgrpo.trainer.checkpoint import (CheckpointError, NonFiniteLossError, capture_rng_state,
-                                         load_checkpoint, params_are_finite, resolve_resume,
-                                         save_checkpoint)
+from fastgrpo.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteLossError,
+                                         capture_rng_state, load_checkpoint, params_are_finite,
+                                         resolve_resume, save_checkpoint)
 from fastgrpo.trainer.config import ConfigError, TrainConfig, explicit_fields, parse_args
 from fastgrpo.trainer.learn import NO_UPDATE_METRICS, batch_logprobs, lr_at, optimize
-from fastgrpo.trainer.logs import Progress, RunLog, peak_memory_mb
+from fastgrpo.trainer.logs import Progress, RunLog, json_safe, peak_memory_mb
+from fastgrpo.trainer.outdir import OutDirLock, check_fresh, check_writable
 from fastgrpo.trainer.packing import MicroBatch, balance_microbatches, pack_bins
 from fastgrpo.trainer.policy import apply_lora, gather_for_generation, load_model, save_lora, wrap_model
 from fastgrpo.trainer.prompts import PromptOrder
@@ -73,12 +84,36 @@ from fastgrpo.trainer.rollout import Rollout, generate
 from fastgrpo.trainer.sample import Sample
 
 __all__ = ["main", "run", "optimize", "compute_advantages", "batch_logprobs", "evaluate",
-           "build_reward_set", "load_data", "lr_at"]
+           "build_reward_set", "load_data", "lr_at", "run_identity", "TrainingInterrupted"]
 
-# options that may change between a run and its resume without a warning
+# options that may change between a run and its resume; every other field (and the seed among
+# them) defines the run: its hash is the run identity a resume must match (run_identity)
 _RUNTIME_FIELDS = {"resume", "out_dir", "save_every", "keep_last", "progress", "threads", "device",
                    "plot", "save", "sample_every", "eval_every", "eval_size", "gen_batch_size",
-                   "micro_batch_tokens", "attn_implementation", "dp_strategy", "backend"}
+                   "micro_batch_tokens", "attn_implementation", "dp_strategy", "backend",
+                   "resume_force", "overwrite", "report_to", "collapse_warn_steps"}
+
+
+def _identity_fields(config: dict) -> dict:
+    """The run-defining options of a config dict; one saved before an option existed counts
+    as having had its default."""
+    full = {**dataclasses.asdict(TrainConfig()), **config}
+    return {k: v for k, v in full.items() if k not in _RUNTIME_FIELDS}
+
+
+def run_identity(config: TrainConfig | dict) -> str:
+    """A short hash of the options that define a run (all but ``_RUNTIME_FIELDS``)."""
+    d = dataclasses.asdict(config) if isinstance(config, TrainConfig) else config
+    blob = json.dumps(_identity_fields(d), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after a completed step (``.exit_code``: 128 + signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 # ----------------------------------------------------------------------------- data and rewards
@@ -117,10 +152,11 @@ def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
 
 
 def _columns(rows: list[dict], index: list[int]) -> dict:
-    cols = {"answer": [rows[i]["answer"] for i in index]}
-    if all("key_steps" in rows[i] for i in index):
-        cols["key_steps"] = [rows[i]["key_steps"] for i in index]
-    return cols
+    """Every dataset column but the prompt, one value per sample (as TRL passes them); a row
+    without a column gets None there ("not applicable" to the reward functions)."""
+    names = dict.fromkeys(k for i in index for k in rows[i]
+                          if k not in ("prompt", "prompts", "completions"))
+    return {k: [rows[i].get(k) for i in index] for k in names}
 
 
 def compute_advantages(rewards: list[float], group_size: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +210,7 @@ class _Run:
     before: dict | None = None             # held-out eval of the initial model
     t_start: float = 0.0
     prompt_cache: dict = field(default_factory=dict)
+    run_id: str = ""                       # the run identity its checkpoints record
 
     @property
     def main(self) -> bool:
@@ -194,11 +231,20 @@ class _Run:
     def checkpoint(self, done: int, data_state: dict, rng_states: list[dict], **more) -> Path | None:
         extra = {"data": data_state, "config": dataclasses.asdict(self.cfg),
                  "eval_before": self.before, "seconds": time.perf_counter() - self.t_start, **more}
+        extra["run_id"] = run_id = self.run_id or run_identity(self.cfg)
         saved = save_checkpoint(self.out_dir, done, self.model, self.optimizer, None, extra=extra,
                                 keep_last=self.cfg.keep_last, rng_states=rng_states,
-                                write=self.main, trainable_only=self.cfg.lora_r > 0)
+                                write=self.main, trainable_only=self.cfg.lora_r > 0, run_id=run_id,
+                                save_extra=self._save_model_files)
         dist_.barrier()
         return saved
+
+    def _save_model_files(self, directory: Path) -> None:
+        """config.json (+ generation config) and the tokenizer: a checkpoint is a --model."""
+        self.model.config.save_pretrained(directory)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
 
 
 def _device(cfg: TrainConfig, info: dist_.DistInfo) -> torch.device:
@@ -211,6 +257,20 @@ def _device(cfg: TrainConfig, info: dist_.DistInfo) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def _check_device(name: str) -> None:
+    """``--device`` names hardware this process has (before anything touches it)."""
+    if name == "auto":
+        return
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"invalid --device {name!r}: CUDA is not available (torch "
+                          f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"invalid --device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"invalid --device {name!r}: MPS is not available")
 
 
 def _apply_preset(cfg: TrainConfig, main: bool, resolve_model: bool):
@@ -275,27 +335,107 @@ def _resume(r: _Run) -> dict:
     cfg = r.cfg
     path = dist_.broadcast_object(resolve_resume(cfg.resume, r.out_dir) if r.main else None)
     if path is None:
-        if cfg.resume == "auto" and r.main:
-            print(f"--resume auto: no checkpoint under {r.out_dir / 'checkpoints'}; starting fresh",
-                  file=sys.stderr)
+        if cfg.resume == "auto":  # never start fresh over an earlier run's outputs
+            _on_main(r, lambda: check_fresh(r.out_dir, False, why=" but no valid checkpoint "
+                                            f"under {r.out_dir / CHECKPOINT_DIR} to resume from"))
+            if r.main:
+                print(f"--resume auto: no checkpoint under {r.out_dir / CHECKPOINT_DIR}; starting "
+                      f"fresh", file=sys.stderr)
         return {}
+    if Path(path).resolve().parent != (r.out_dir / CHECKPOINT_DIR).resolve():
+        # another directory's checkpoint: this --out-dir must not hold a run of its own
+        _on_main(r, lambda: check_fresh(r.out_dir, False, why=f" (resuming from {path}, which "
+                                        f"lies elsewhere)"))
     extra = load_checkpoint(path, r.model, r.optimizer, None, rank=r.info.rank)
     data = extra.get("data")
     if not isinstance(data, dict) or "rng" not in data or "order" not in data:
         raise CheckpointError(f"checkpoint {path} holds no data position (not written by "
                               f"fastgrpo.train); cannot resume from it")
+    saved, now = extra.get("config") or {}, dataclasses.asdict(cfg)
+    saved_id = extra.get("run_id") or run_identity(saved)
+    a, b = _identity_fields(saved), _identity_fields(now)
+    diff = ", ".join(f"--{k.replace('_', '-')} {a[k]!r} -> {b[k]!r}" for k in sorted(b) if a[k] != b[k])
+    if diff:
+        msg = (f"checkpoint {path} is of another run (identity {saved_id}, this run's is "
+               f"{run_identity(now)}): {diff}")
+        if not cfg.resume_force:
+            raise CheckpointError(msg + "; resume with that run's options, or pass --resume-force "
+                                        "to continue it under these")
+        if r.main:
+            print(f"warning: {msg}; continuing under the new options (--resume-force)", file=sys.stderr)
+    else:
+        r.run_id = saved_id  # the same run (a saved config may predate an option): keep its id
     r.prompts.load_state_dict(data)
     r.start, r.before = int(extra["step"]), extra.get("eval_before")
     if r.main:
         print(f"resuming from checkpoint {path} (step {r.start} of {cfg.steps})", file=sys.stderr)
         if extra.get("stopped"):
             print(f"note: that run stopped after it: {extra['stopped']}", file=sys.stderr)
-        saved, now = extra.get("config") or {}, dataclasses.asdict(cfg)
-        diff = sorted(k for k in saved if k in now and k not in _RUNTIME_FIELDS and saved[k] != now[k])
-        if diff:
-            print("warning: options differ from the checkpointed run: "
-                  + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in diff), file=sys.stderr)
     return extra
+
+
+def _on_main(r: _Run, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0; its ConfigError is raised on every rank (none waits forever)."""
+    error = None
+    if r.main:
+        try:
+            check()
+        except ConfigError as e:
+            error = str(e)
+    error = dist_.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
+
+
+def _claim_out_dir(cfg: TrainConfig, info: dist_.DistInfo) -> OutDirLock | None:
+    """Rank 0 makes --out-dir its own before any work: every output path writable, the lock
+    taken, and (not resuming) no earlier run's outputs left, or --overwrite deleted them."""
+    lock, error = None, None
+    if info.is_main:
+        try:
+            dirs = ["model"] * cfg.save + [CHECKPOINT_DIR] + ["tb"] * (cfg.report_to == "tensorboard")
+            check_writable(cfg.out_dir, dirs=dirs)
+            lock = OutDirLock(cfg.out_dir).acquire()
+            if not cfg.resume:
+                check_fresh(cfg.out_dir, cfg.overwrite)
+        except ConfigError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()
+    error = dist_.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
+    return lock
+
+
+def _preflight(r: _Run) -> None:
+    """Checks that would otherwise fail (or mislead) only after minutes of work: the kernel
+    backend on this device, prompt lengths against the model's positions, the step's size."""
+    from fastgrpo.ops.logprobs import resolve_backend
+    cfg = r.cfg
+    try:
+        resolve_backend(cfg.backend, r.device)
+    except RuntimeError as e:
+        raise ConfigError(f"invalid --backend {cfg.backend!r} on device {r.device}: {e}") from None
+    limit = getattr(getattr(r.model, "config", None), "max_position_embeddings", None)
+    if limit:
+        near = []
+        for what, rows, file in (("train", r.train_rows, cfg.train_file), ("eval", r.eval_rows, cfg.eval_file)):
+            for i, row in enumerate(rows):
+                ids = r.prompt_ids(i) if what == "train" else r.encode(r.tokenizer, row["prompt"])
+                where = f"{what} row {i + 1}" + (f" of {file}" if file else "")
+                if len(ids) >= limit:
+                    raise DataError(f"{where}: the prompt has {len(ids)} tokens; the model takes "
+                                    f"at most {limit} positions (max_position_embeddings)")
+                if len(ids) + cfg.max_new_tokens > limit:
+                    near.append(where)
+        if near and r.main:
+            print(f"warning: {len(near)} prompt(s) leave less than --max-new-tokens "
+                  f"{cfg.max_new_tokens} positions of the model's {limit} (first: {near[0]}); "
+                  f"their completions are cut short", file=sys.stderr)
+    if cfg.prompts_per_step > len(r.train_rows) and r.main:
+        print(f"warning: --prompts-per-step {cfg.prompts_per_step} is more than the "
+              f"{len(r.train_rows)} training rows: each step repeats rows", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the step's stages
@@ -442,6 +582,11 @@ def _step_metrics(r: _Run, step: int, g: _Gathered, lm: dict, batches: list[Micr
 
 
 def _train(r: _Run) -> dict:
+    with _Signals() as signals:  # the whole run, the evals before and after included
+        return _train_steps(r, signals)
+
+
+def _train_steps(r: _Run, signals: "_Signals") -> dict:
     cfg = r.cfg
     extra = _resume(r)
     if r.before is None:
@@ -449,10 +594,58 @@ def _train(r: _Run) -> dict:
         if r.main:
             print(f"eval before: accuracy {r.before['accuracy']:.3f}  validity "
                   f"{r.before['validity']:.3f}", file=sys.stderr)
-    log = RunLog(r.out_dir, r.start, r.main)
+    log = RunLog(r.out_dir, r.start, r.main, total=cfg.steps, report_to=cfg.report_to,
+                 stdout=not cfg.progress)
     progress = Progress(cfg.steps, cfg.progress and r.main, initial=r.start)
     r.t_start = time.perf_counter() - float(extra.get("seconds", 0.0))
+    try:
+        _loop(r, log, progress, signals)
+    finally:
+        progress.close()
+        log.close()
+    return _finish(r, log.history)
 
+
+class _Signals:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step (which then
+    writes a checkpoint; one during the final eval lets the run finish); a second one exits at
+    once (SystemExit 128 + signal)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"\n{name} again: exiting now, without a checkpoint of the current step",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"\n{name}: stopping after the current step (with a checkpoint); send it again "
+              f"to exit at once", file=sys.stderr, flush=True)
+
+    def stop_requested(self) -> int | None:
+        """The signal that stops the run (every rank agrees), or None."""
+        if not dist_.is_distributed():
+            return self.signum
+        got = dist_.all_gather_objects(self.signum)
+        return next((x for x in got if x is not None), None)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _loop(r: _Run, log: RunLog, progress: Progress, signals: _Signals) -> None:
+    cfg = r.cfg
+    collapsed: list[int] = []  # the current run of steps whose every group had equal rewards
     for step in range(r.start, cfg.steps):
         # what a checkpoint of `step` completed steps holds (written if this step fails)
         at_start = {"data": r.prompts.state_dict(), "rng": capture_rng_state()}
@@ -466,6 +659,12 @@ def _train(r: _Run) -> dict:
         batches = _pack(r, g.kept)
         lm = _learn(r, batches, step, at_start)
         m = _step_metrics(r, step, g, lm, batches, time.perf_counter() - t_train)
+        equal = bool(constant_groups(torch.tensor(g.rewards.total), group_size=cfg.group_size).all())
+        collapsed = collapsed + [step + 1] if equal else []
+        if r.main and cfg.collapse_warn_steps and len(collapsed) == cfg.collapse_warn_steps:
+            progress.write(f"warning: steps {collapsed[0]}-{collapsed[-1]}: every group's "
+                           f"completions got equal rewards, so nothing was trained (zero "
+                           f"advantages); check the reward functions, the data and --temperature")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = r.evaluate()
             if r.main:
@@ -476,12 +675,17 @@ def _train(r: _Run) -> dict:
         if r.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             _log_sample(r, log, progress, step, ro.samples[0])  # rank 0 generated the first group
         progress.update(step, f"reward {m['reward/mean']:.3f} acc {m['accuracy']:.2f}")
+        saved = None
         if cfg.save_every and (step + 1) % cfg.save_every == 0:  # every rank: collective
-            r.checkpoint(step + 1, r.prompts.state_dict(), dist_.gather_rng_states())
-
-    progress.close()
-    log.close()
-    return _finish(r, log.history)
+            saved = r.checkpoint(step + 1, r.prompts.state_dict(), dist_.gather_rng_states())
+        signum = signals.stop_requested()
+        if signum is not None:
+            if saved is None:
+                saved = r.checkpoint(step + 1, r.prompts.state_dict(), dist_.gather_rng_states())
+            raise TrainingInterrupted(
+                f"{signal.Signals(signum).name}: stopped after step {step + 1} of {cfg.steps}; "
+                f"checkpoint {saved}. Resume with the same command plus --resume auto "
+                f"(or --resume {saved})", signum)
 
 
 def _log_sample(r: _Run, log: RunLog, progress: Progress, step: int, s: Sample) -> None:
@@ -510,7 +714,17 @@ def _finish(r: _Run, history: list[dict]) -> dict:
                "last": history[-1] if history else {}}
     if r.start > 0:
         summary["resumed_from_step"] = r.start
-    (r.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    notes = []
+    if not r.eval_rows:
+        notes.append("eval_before and eval_after are null: no held-out rows (a --train-file "
+                     "without --eval-file has none)")
+    safe = json_safe(summary)
+    if json.dumps(safe) != json.dumps(summary, allow_nan=True):
+        notes.append("null stands for a value that is not a finite number (NaN/inf), e.g. a "
+                     "mean over no samples")
+    if notes:
+        safe["notes"] = notes
+    (r.out_dir / "summary.json").write_text(json.dumps(safe, indent=2, allow_nan=False))
     if cfg.plot and history:
         from fastgrpo.trainer.plot import plot_curves
         plot_curves(history, before, after, r.out_dir / "curves.png")
@@ -534,23 +748,35 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
     (other ranks return ``{}``)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    _check_device(cfg.device)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = dist_.init_distributed(device=None if cfg.device == "auto" else cfg.device)
+    lock = None
     try:
-        return _train(_setup(cfg, model, tokenizer, info))
+        lock = _claim_out_dir(cfg, info)
+        r = _setup(cfg, model, tokenizer, info)
+        _preflight(r)
+        return _train(r)
     finally:
+        if lock is not None:
+            lock.release()
         if owns_group:
             dist_.cleanup_distributed()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point.  Exit codes: 2 for configuration/data/checkpoint errors, 3 when the
-    loss or gradient norm became NaN/inf (the message names the step)."""
+    """CLI entry point.  Exit codes: 2 for configuration/data/checkpoint/reward errors, 3 when
+    the loss or gradient norm became NaN/inf (the message names the step), 130/143 when
+    SIGINT/SIGTERM stopped the run (after a checkpoint; the message says how to resume)."""
     try:
         run(parse_args(argv))
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, AttentionBackendError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, AttentionBackendError,
+            RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(3)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code)

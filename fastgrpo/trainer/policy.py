@@ -48,6 +48,11 @@ def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {str(path)!r} has no config.json "
                                 f"(expected a Hugging Face causal LM directory)")
+    weights = [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                           "pytorch_model.bin.index.json") if (path / n).is_file()]
+    if not weights and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"model directory {str(path)!r} has a config.json but no weights "
+                                f"(model.safetensors or pytorch_model.bin)")
     kw = {}
     if dtype is not None:
         kw["dtype"] = dtype

@@ -19,7 +19,7 @@ class PromptOrder:
         self.pending: list[int] = []
 
     def take(self, k: int) -> list[int]:
-        if len(self.pending) < k:
+        while len(self.pending) < k:  # k > n: several epochs
             more = list(range(self.n))
             self.rng.shuffle(more)
             self.pending += more

@@ -116,6 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for the tiny model; 0 keeps torch's default)")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch_size", "hidden_size", "layers", "heads"):
+        if getattr(args, name) < 1:
+            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    for name in ("eval_size", "threads"):
+        if getattr(args, name) < 0:
+            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"invalid --lr {args.lr}: must be a finite number > 0")
+    if not 0.0 <= args.skip_double_prob <= 1.0:
+        ap.error(f"--skip-double-prob must be in [0, 1], got {args.skip_double_prob}")
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -127,8 +137,6 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny llama: {n_params / 1e6:.2f}M parameters, vocabulary {len(tok)}", file=sys.stderr)
     t0 = time.time()
-    if not 0.0 <= args.skip_double_prob <= 1.0:
-        ap.error(f"--skip-double-prob must be in [0, 1], got {args.skip_double_prob}")
     sft(model, tok, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         skip_double_prob=args.skip_double_prob)
     acc = greedy_accuracy(model, tok, evals[:args.eval_size])
