@@ -50,8 +50,12 @@ def _train_arm(out: Path, arm: str, seed: int, extra: list[str]) -> None:
     if (d / "summary.json").is_file():
         print(f"[ablation] {arm} seed {seed}: done already ({d})", file=sys.stderr)
         return
+    # an unfinished run resumes from its newest checkpoint; one killed before its first
+    # checkpoint starts again (its partial logs are the experiment's own: --overwrite)
+    again = ["--resume", "auto"] if any((d / "checkpoints").glob("step-*")) else \
+        ["--overwrite"] if d.exists() else []
     argv = ["--rewards", ARMS[arm], "--seed", str(seed), "--out-dir", str(d), "--save-every", "10",
-            "--resume", "auto", "--no-progress", "--no-save", *extra]
+            *again, "--no-progress", "--no-save", *extra]
     print(f"[ablation] {arm} seed {seed}: training ({' '.join(argv)})", file=sys.stderr)
     run(parse_args(argv))
 
