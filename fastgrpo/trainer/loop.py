@@ -659,18 +659,9 @@ def _loop(r: _Run, log: RunLog, progress: Progress, signals: _Signals) -> None:
         batches = _pack(r, g.kept)
         lm = _learn(r, batches, step, at_start)
         m = _step_metrics(r, step, g, lm, batches, time.perf_counter() - t_train)
-        equal = bool(constant_groups(torch.tensor(g.rewards.total), group_size=cfg.group_size).all())
-        collapsed = collapsed + [step + 1] if equal else []
-        if r.main and cfg.collapse_warn_steps and len(collapsed) == cfg.collapse_warn_steps:
-            progress.write(f"warning: steps {collapsed[0]}-{collapsed[-1]}: every group's "
-                           f"completions got equal rewards, so nothing was trained (zero "
-                           f"advantages); check the reward functions, the data and --temperature")
+        collapsed = _watch_collapse(r, progress, g, step, collapsed)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            ev = r.evaluate()
-            if r.main:
-                m["eval/accuracy"], m["eval/validity"] = ev["accuracy"], ev["validity"]
-                progress.write(f"step {step + 1}: eval accuracy {ev['accuracy']:.3f}  "
-                               f"validity {ev['validity']:.3f}")
+            _evaluate_during(r, m, progress, step)
         log.metrics(m)
         if r.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             _log_sample(r, log, progress, step, ro.samples[0])  # rank 0 generated the first group
@@ -678,14 +669,43 @@ def _loop(r: _Run, log: RunLog, progress: Progress, signals: _Signals) -> None:
         saved = None
         if cfg.save_every and (step + 1) % cfg.save_every == 0:  # every rank: collective
             saved = r.checkpoint(step + 1, r.prompts.state_dict(), dist_.gather_rng_states())
-        signum = signals.stop_requested()
-        if signum is not None:
-            if saved is None:
-                saved = r.checkpoint(step + 1, r.prompts.state_dict(), dist_.gather_rng_states())
-            raise TrainingInterrupted(
-                f"{signal.Signals(signum).name}: stopped after step {step + 1} of {cfg.steps}; "
-                f"checkpoint {saved}. Resume with the same command plus --resume auto "
-                f"(or --resume {saved})", signum)
+        _stop_if_signalled(r, signals, step, saved)
+
+
+def _watch_collapse(r: _Run, progress: Progress, g: _Gathered, step: int,
+                    collapsed: list[int]) -> list[int]:
+    """Warn once ``--collapse-warn-steps`` steps in a row had no group with signal; returns
+    the current run of such steps."""
+    cfg = r.cfg
+    equal = bool(constant_groups(torch.tensor(g.rewards.total), group_size=cfg.group_size).all())
+    collapsed = collapsed + [step + 1] if equal else []
+    if r.main and cfg.collapse_warn_steps and len(collapsed) == cfg.collapse_warn_steps:
+        progress.write(f"warning: steps {collapsed[0]}-{collapsed[-1]}: every group's "
+                       f"completions got equal rewards, so nothing was trained (zero "
+                       f"advantages); check the reward functions, the data and --temperature")
+    return collapsed
+
+
+def _evaluate_during(r: _Run, m: dict, progress: Progress, step: int) -> None:
+    ev = r.evaluate()
+    if r.main:
+        m["eval/accuracy"], m["eval/validity"] = ev["accuracy"], ev["validity"]
+        progress.write(f"step {step + 1}: eval accuracy {ev['accuracy']:.3f}  "
+                       f"validity {ev['validity']:.3f}")
+
+
+def _stop_if_signalled(r: _Run, signals: _Signals, step: int, saved: Path | None) -> None:
+    """After the first SIGINT/SIGTERM: a checkpoint of this step (unless just written), then
+    ``TrainingInterrupted`` (exit 130/143 from the CLI)."""
+    signum = signals.stop_requested()
+    if signum is None:
+        return
+    if saved is None:
+        saved = r.checkpoint(step + 1, r.prompts.state_dict(), dist_.gather_rng_states())
+    raise TrainingInterrupted(
+        f"{signal.Signals(signum).name}: stopped after step {step + 1} of {r.cfg.steps}; "
+        f"checkpoint {saved}. Resume with the same command plus --resume auto "
+        f"(or --resume {saved})", signum)
 
 
 def _log_sample(r: _Run, log: RunLog, progress: Progress, step: int, s: Sample) -> None:
