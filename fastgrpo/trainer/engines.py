@@ -99,7 +99,10 @@ class VLLMEngine:
     def sync_weights(self, model) -> None:
         """Push the trainer's weights into vLLM's model (in memory, in place)."""
         weights = [(n, p.detach()) for n, p in model.state_dict().items()]
-        self.llm.apply_model(lambda m: m.load_weights(weights))
+        # the worker's in-place reload (it redoes the post-load weight processing, e.g. the CPU
+        # backend's packed linear layers); the engine core is in this process: no copy
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                          "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def sleep(self) -> None:
