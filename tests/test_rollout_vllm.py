@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("FASTGRPO_REQUIRE_VLLM") == "1":  # .ci/run's vllm leg: never skip silently
+    import vllm  # noqa: F401
 pytest.importorskip("vllm")
 
 from fastgrpo.tasks.arithmetic import make_splits  # noqa: E402
