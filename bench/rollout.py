@@ -19,7 +19,9 @@ the vLLM engine.  The runs of the engines alternate, ``--rounds`` times; medians
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -61,6 +63,7 @@ def make_runner(engine: str, model, tok):
         return run
     if engine == "vllm":
         from fastgrpo.trainer.engines import VLLMEngine
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; CPU only: room for a second case
         eng = VLLMEngine(model, tok, max_model_len=model.config.max_position_embeddings,
                          gpu_memory_utilization=0.3)
 
@@ -88,6 +91,8 @@ def bench(engines: list[str], rounds: int, device, smoke: bool = False) -> list[
                             "prompt_tokens": max(len(p) for p in prompts), "max_new_tokens": new,
                             "tokens_per_s": statistics.median(tps[e]),
                             "all_tokens_per_s": [round(x, 1) for x in tps[e]]})
+        del runners  # a vLLM engine frees its memory before the next case builds one
+        gc.collect()
     return results
 
 
