@@ -11,6 +11,8 @@
    ``--benchmark-json``.
 3. A markdown table (time, effective TFLOP/s, peak extra memory, and the ratio to the cuBLAS
    ``h @ w.T`` ceiling) written to ``<out>/<device>-<date>.md`` with the JSON beside it.
+4. Rollouts (``bench/rollout.py``): generated tokens/s of the previous ``model.generate`` path,
+   the ``hf`` engine and, where vLLM is installed, the ``vllm`` engine (``--skip-rollout``).
 """
 
 import argparse
@@ -101,11 +103,30 @@ def summarize(bench_json):
     return rows, ceiling
 
 
+def rollout_table(device, smoke: bool) -> str:
+    """The rollout benchmark's table: reference and hf, plus vllm where installed (its
+    failure is reported in the table, not raised: the kernel results above still count)."""
+    import importlib.util
+
+    import rollout
+
+    engines = ["reference", "hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+    print(f"rollout benchmark: {', '.join(engines)}", flush=True)
+    try:
+        return rollout.table(rollout.bench(engines, 1 if smoke else 3, torch.device(device), smoke))
+    except Exception as e:  # noqa: BLE001
+        if engines[-1] != "vllm":
+            raise
+        return (rollout.table(rollout.bench(engines[:-1], 1 if smoke else 3, torch.device(device), smoke))
+                + f"\n\nvllm engine failed: {type(e).__name__}: {e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU ok)")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-rollout", action="store_true", help="no rollout tokens/s benchmark")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -146,6 +167,8 @@ def main():
             if ceiling:
                 lines += ["", "cuBLAS `h @ w.T` (one pass): " + ", ".join(
                     f"{k} {v * 1e3:.2f} ms" for k, v in ceiling.items())]
+    if not args.skip_rollout:
+        lines += ["", "## Rollouts (tokens/s, G=8, bench/rollout.py)", "", rollout_table(device, args.smoke)]
     text = "\n".join(lines) + "\n"
     (out / f"{tag}.md").write_text(text)
     print(text)

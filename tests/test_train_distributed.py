@@ -32,6 +32,7 @@ RUNNER = '''
 import sys, zlib
 import torch
 import fastgrpo.trainer.loop as T
+import fastgrpo.trainer.rollout as R
 from fastgrpo.trainer.rollout import Rollout, generate
 
 calls = [0]
@@ -48,7 +49,7 @@ def seeded_generate(model, tokenizer, prompt_ids, **kw):
         out.seconds += r.seconds; out.generated_tokens += r.generated_tokens
     return out
 
-T.generate = seeded_generate
+R.generate = seeded_generate  # what the hf rollout engine calls
 T.main(sys.argv[1:])
 '''
 

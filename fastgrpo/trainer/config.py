@@ -61,6 +61,15 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature (also used in the loss)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     gen_batch_size: int = _f(128, "sequences generated together")
+    rollout: str = _f("hf", "rollout engine: hf (transformers, one prefill per prompt shared by its G "
+                            "samples) | vllm (vLLM's offline LLM in this process, weights pushed "
+                            "after each step; pip install -e '.[vllm]') | auto (vllm on CUDA when "
+                            "installed, else hf)")
+    rollout_is: str = _f("auto", "truncated importance sampling on the engine's log-probs: each token's "
+                                 "policy loss x min(exp(logp_trainer - logp_engine), --rollout-is-cap), "
+                                 "and the mismatch logged: auto (on for vllm) | on | off")
+    rollout_is_cap: float = _f(2.0, "cap of the truncated importance weight (>= 1)")
+    vllm_gpu_memory_utilization: float = _f(0.3, "--rollout vllm: fraction of GPU memory for vLLM (weights + KV cache)")
     # optimisation
     lr: float = _f(3e-4, "peak learning rate (AdamW)")
     min_lr_ratio: float = _f(0.1, "final learning rate of the cosine schedule, as a fraction of --lr")

@@ -81,6 +81,7 @@ from fastgrpo.trainer.packing import MicroBatch, balance_microbatches, pack_bins
 from fastgrpo.trainer.policy import apply_lora, gather_for_generation, load_model, save_lora, wrap_model
 from fastgrpo.trainer.prompts import PromptOrder
 from fastgrpo.trainer.rollout import Rollout, generate
+from fastgrpo.trainer.engines import make_engine
 from fastgrpo.trainer.sample import Sample
 
 __all__ = ["main", "run", "optimize", "compute_advantages", "batch_logprobs", "evaluate",
@@ -211,6 +212,7 @@ class _Run:
     t_start: float = 0.0
     prompt_cache: dict = field(default_factory=dict)
     run_id: str = ""                       # the run identity its checkpoints record
+    engine: object = None                  # the rollout engine (engines.py)
 
     @property
     def main(self) -> bool:
@@ -326,7 +328,8 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
     return _Run(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
                 build_reward_set(cfg, layout), train_rows, eval_rows, encode,
-                PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp)
+                PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
+                engine=make_engine(cfg, model, tokenizer, device, info.world_size))
 
 
 def _resume(r: _Run) -> dict:
@@ -442,17 +445,20 @@ def _preflight(r: _Run) -> None:
 
 
 def _rollout(r: _Run, step: int) -> Rollout:
-    """G samples for each of this step's prompts; this rank generates whole groups only."""
+    """G samples for each of this step's prompts from the rollout engine (``--rollout``); this
+    rank generates whole groups only."""
     cfg = r.cfg
     idx = r.prompts.take(cfg.prompts_per_step)
     mine = [idx[g] for g in dist_.groups_for_rank(len(idx), r.info.rank, r.info.world_size)]
     error = None
     with gather_for_generation(r.policy):
         try:
-            ro = generate(r.model, r.tokenizer, [r.prompt_ids(i) for i in mine],
-                          group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, do_sample=True,
-                          batch_size=cfg.gen_batch_size)
+            r.engine.wake()
+            r.engine.sync_weights(r.model)  # the weights after the last optimizer step
+            ro = r.engine.generate([r.prompt_ids(i) for i in mine], group_size=cfg.group_size,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, do_sample=True)
+            r.engine.sleep()
         except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
             if "probability tensor contains" not in str(e):
                 raise
@@ -467,6 +473,16 @@ def _rollout(r: _Run, step: int) -> Rollout:
     for s in ro.samples:
         s.row = mine[s.group]
     return ro
+
+
+def _importance_weights(r: _Run, batches: list[MicroBatch], kept: list[Sample]) -> dict:
+    """``--rollout-is``: truncated importance weights on the engine's log-probs (in the
+    batches' advantages) and the log-prob mismatch metrics; ``{}`` when off."""
+    on = {"on": True, "off": False}.get(r.cfg.rollout_is, r.engine.name != "hf")
+    if not on or not batches or any(s.sampling_logp is None for s in kept):
+        return {}
+    from fastgrpo.trainer.correction import apply_tis
+    return apply_tis(batches, kept, batch_logprobs(r.policy, batches, r.cfg), r.cfg.rollout_is_cap)
 
 
 def _score(r: _Run, samples: list[Sample]) -> RewardResult:
@@ -657,8 +673,9 @@ def _loop(r: _Run, log: RunLog, progress: Progress, signals: _Signals) -> None:
         g = _gather(kept, ro, res)
         t_train = time.perf_counter()
         batches = _pack(r, g.kept)
+        tis = _importance_weights(r, batches, g.kept)
         lm = _learn(r, batches, step, at_start)
-        m = _step_metrics(r, step, g, lm, batches, time.perf_counter() - t_train)
+        m = {**_step_metrics(r, step, g, lm, batches, time.perf_counter() - t_train), **tis}
         collapsed = _watch_collapse(r, progress, g, step, collapsed)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             _evaluate_during(r, m, progress, step)

@@ -1,13 +1,23 @@
-"""Rollouts: G sampled completions per prompt with the KV cache (``model.generate``).
+"""Rollouts: G sampled completions per prompt with the KV cache.
+
+:func:`generate` (the ``hf`` rollout engine) prefills each prompt ONCE, repeats its KV cache for
+its G samples (``Cache.batch_repeat_interleave``) and decodes them together; a finished sequence
+(EOS) leaves the batch and the cache (``Cache.batch_select_indices``), so it costs no compute
+after it stops.  Greedy outputs equal ``model.generate``'s (:func:`generate_reference`, the
+previous implementation, kept as the test oracle).
 
 Prompts are left-padded into batches; the samples come back grouped by prompt
 (``samples[i * G + j]`` is the j-th sample of prompt i, ``group == i``), trimmed after the first
 EOS (the EOS itself is kept, so the policy is trained to stop), with ``truncated`` set for those
-that hit ``max_new_tokens`` without an EOS.  Token ids are exactly as generated.
+that hit ``max_new_tokens`` without an EOS.  Token ids are exactly as generated (never decoded
+and re-encoded); ``sampling_logp`` holds each token's log-prob under the sampling distribution
+at ``temperature`` (before top-p truncation: the distribution the trainer's loss computes).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +25,7 @@ import torch
 
 from fastgrpo.trainer.sample import Sample
 
-__all__ = ["Rollout", "generate"]
+__all__ = ["Rollout", "generate", "generate_reference", "make_samples"]
 
 
 @dataclass
@@ -32,11 +42,199 @@ class Rollout:
         return [s.text for s in self.samples]
 
 
+def make_samples(tokenizer, prompt_ids: list[list[int]], group_size: int, comps: list[list[int]],
+                 logps: list[list[float]] | None, rows: list[int] | None, seconds: float) -> Rollout:
+    """The :class:`Rollout` of raw completions (grouped by prompt): trimmed after the first EOS
+    (kept), ``truncated`` when there is none, decoded for the rewards."""
+    eos = tokenizer.eos_token_id
+    samples = []
+    for k, c in enumerate(comps):
+        i = k // group_size
+        lp = None if logps is None else logps[k]
+        trunc = eos not in c
+        if not trunc:
+            n = c.index(eos) + 1
+            c, lp = c[:n], None if lp is None else lp[:n]
+        samples.append(Sample(prompt_ids=list(prompt_ids[i]), completion_ids=c, group=i,
+                              row=i if rows is None else rows[i], truncated=trunc,
+                              sampling_logp=lp))
+    for s, t in zip(samples, tokenizer.batch_decode([s.completion_ids for s in samples],
+                                                    skip_special_tokens=True)):
+        s.text = t
+    return Rollout(samples, seconds=seconds,
+                   generated_tokens=sum(len(s.completion_ids) for s in samples))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int = 1,
              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
              do_sample: bool = True, batch_size: int = 64, rows: list[int] | None = None) -> Rollout:
     """Sample ``group_size`` completions for each prompt (greedy when ``do_sample=False``).
+
+    ``batch_size`` bounds the number of sequences decoded together (``batch_size // G`` prompts
+    per batch, at least one); ``rows[i]`` (default ``i``) is the data row of prompt ``i``,
+    kept in each sample's ``row``.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    was_training = model.training
+    model.eval()
+    per_batch = max(1, batch_size // group_size)
+    comps: list[list[int]] = []
+    logps: list[list[float]] = []
+    t0 = time.perf_counter()
+    try:
+        for s in range(0, len(prompt_ids), per_batch):
+            c, lp = _decode(model, prompt_ids[s:s + per_batch], group_size, max_new_tokens,
+                            eos, pad, temperature if do_sample else None, top_p)
+            comps += c
+            logps += lp
+    finally:
+        if was_training:
+            model.train()
+    return make_samples(tokenizer, prompt_ids, group_size, comps, logps, rows,
+                        time.perf_counter() - t0)
+
+
+def _new_cache(model, capacity: int):
+    """A ``DynamicCache`` whose layers write into buffers of ``capacity`` positions (appending a
+    token then costs a write, not a copy of the whole cache as ``torch.cat`` does); a plain
+    ``DynamicCache`` where its layers are not the plain dynamic kind (sliding windows...)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        cache.layers = [_buffered_layer()(capacity) for _ in layers]
+    return cache
+
+
+@functools.cache
+def _buffered_layer():
+    """The buffered cache layer class (built on first use: transformers imports lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """``keys``/``values`` are views of the first ``n`` positions of preallocated buffers."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.n, self.buf = capacity, 0, None
+
+        def _views(self):
+            self.keys, self.values = self.buf[0][:, :, :self.n], self.buf[1][:, :, :self.n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            new = key_states.shape[-2]
+            if self.buf is None or self.n + new > self.buf[0].shape[-2]:
+                size = max(self.capacity, 2 * (self.n + new))
+                bufs = []
+                for x, old in zip((key_states, value_states), self.buf or (None, None)):
+                    b = x.new_empty((*x.shape[:2], size, x.shape[-1]))
+                    if old is not None:
+                        b[:, :, :self.n] = old[:, :, :self.n]
+                    bufs.append(b)
+                self.buf = tuple(bufs)
+            self.buf[0][:, :, self.n:self.n + new] = key_states
+            self.buf[1][:, :, self.n:self.n + new] = value_states
+            self.n += new
+            self._views()
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.n:
+                self.buf = tuple(b.repeat_interleave(repeats, dim=0) for b in self.buf)
+                self._views()
+
+        def batch_select_indices(self, indices) -> None:
+            if self.n:
+                self.buf = tuple(b[indices] for b in self.buf)
+                self._views()
+
+    return BufferedLayer
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache (``cache`` in transformers 5.2x, formerly
+    ``past_key_values``)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _pick(logits: torch.Tensor, temperature: float | None, top_p: float):
+    """Next tokens from float32 logits ``[B, V]`` and their log-probs at ``temperature``
+    (greedy when ``temperature`` is None: the log-probs at temperature 1)."""
+    if temperature is None:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+    scaled = logits / temperature
+    logp = torch.log_softmax(scaled, -1)
+    if top_p < 1.0:  # as transformers' TopPLogitsWarper: drop the tail of mass <= 1 - top_p
+        sorted_logits, order = torch.sort(scaled, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    tok = torch.multinomial(scaled.softmax(-1), 1)[:, 0]
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, eos: int,
+            pad: int, temperature: float | None, top_p: float):
+    """Completions (untrimmed) and their log-probs for ``prompts``, G per prompt, in order."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    inp = torch.full((len(prompts), width), pad, dtype=torch.long)
+    att = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        inp[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        att[r, width - len(p):] = 1
+    inp, att = inp.to(device), att.to(device)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    padded = not bool(att.all())  # no padding: no mask at all (as model.generate does)
+    cache, key = _new_cache(model, width + max_new_tokens), _cache_kwarg(model)
+    out = model(input_ids=inp, attention_mask=att if padded else None, position_ids=pos,
+                use_cache=True, logits_to_keep=1, **{key: cache})
+    logits = out.logits[:, -1].float()
+    if group_size > 1:  # the prompt's cache, once per sample
+        cache.batch_repeat_interleave(group_size)
+        logits, att = logits.repeat_interleave(group_size, 0), att.repeat_interleave(group_size, 0)
+    n = logits.shape[0]
+    alive = torch.arange(n, device=device)           # batch row -> sequence
+    next_pos = pos[:, -1].repeat_interleave(group_size) + 1
+    toks = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
+    lps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+    length = torch.zeros(n, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        tok, lp = _pick(logits, temperature, top_p)
+        toks[alive, t], lps[alive, t] = tok, lp
+        length[alive] = t + 1
+        done = tok == eos
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):  # finished rows leave the batch and the cache
+            keep = (~done).nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            alive, tok, att, next_pos = alive[keep], tok[keep], att[keep], next_pos[keep]
+        att = torch.cat([att, att.new_ones((att.shape[0], 1))], 1)
+        out = model(input_ids=tok[:, None], attention_mask=att if padded else None,
+                    position_ids=next_pos[:, None], use_cache=True, **{key: cache})
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1].float()
+    length = length.tolist()
+    return ([row[:m] for row, m in zip(toks.tolist(), length)],
+            [row[:m] for row, m in zip(lps.tolist(), length)])
+
+
+@torch.no_grad()
+def generate_reference(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int = 1,
+             max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+             do_sample: bool = True, batch_size: int = 64, rows: list[int] | None = None) -> Rollout:
+    """``model.generate`` on the prompts repeated G times (the previous rollout; a test oracle).
 
     ``batch_size`` bounds the number of sequences generated together; ``rows[i]`` (default
     ``i``) is the data row of prompt ``i``, kept in each sample's ``row``.
