@@ -35,14 +35,20 @@ import os
 
 import torch
 
-__all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward", "BACKENDS",
-           "validate_inputs", "resolve_backend"]
+__all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
+           "linear_one_pass", "BACKENDS", "validate_inputs", "resolve_backend"]
 
 # Workspace budget of one [rows x vocab] block, in elements.  CPU: 4M (16 MiB in fp32; the
 # torch path keeps a few block-sized temporaries alive).  CUDA: 16M (32 MiB of bf16 gradient
 # block, large enough for the two cuBLAS GEMMs that consume it to run near peak).
 _BLOCK_ELEMS = 1 << 22
 _BLOCK_ELEMS_CUDA = 1 << 24
+# One-pass path: a block is a set of rows times the *whole* vocabulary (the log-sum-exp must be
+# final before dz exists).  16M elements = 64 MiB of fp32 logits, the block being overwritten by
+# its own dz; rows are processed in slices of about _SLICE_ELEMS for the elementwise work, so
+# the temporaries stay cache-sized.
+_ONE_PASS_ELEMS = 1 << 24
+_SLICE_ELEMS = 1 << 19
 _MAX_BLOCK_ROWS = 4096
 BACKENDS = ("auto", "torch", "triton")   # the kernels' backends ("auto": triton on CUDA)
 REFERENCE = "reference"                  # the naive float oracle, accepted for tests
@@ -119,17 +125,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 # -inf logits (e.g. a masked vocabulary row of -inf weights) are clamped to this: exp() of it
 # is exactly 0, so such a column contributes nothing, and 0 * it stays 0 (never 0 * inf = nan).
+# The clamp is one pass over every block, so it runs only when the weight has a non-finite entry.
 _NEG = -1e30
 
 
-def _logits(hc, wc, inv_t):
+def _needs_clamp(w: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(w).all())
+
+
+def _logits(hc, wc, inv_t, clamp=True):
+    """``hc @ wc.T * inv_t`` in float32 (tensor cores with an fp32 result on CUDA)."""
     cd = _compute_dtype(hc)
-    return (hc.to(cd) @ wc.to(cd).T).float().mul_(inv_t).clamp_(min=_NEG)
+    z = _mm_f32(hc.to(cd), wc.to(cd).T)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    return z.clamp_(min=_NEG) if clamp else z
 
 
 def _torch_forward(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, inv_t: float):
     n, v = h.shape[0], w.shape[0]
     rows, cols = _block_shape(n, v, h.is_cuda)
+    clamp = _needs_clamp(w)
     lse = torch.empty(n, dtype=torch.float32, device=h.device)
     ent = torch.empty_like(lse)
     zy = torch.zeros_like(lse)
@@ -140,32 +156,50 @@ def _torch_forward(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, inv_t: flo
         s = torch.zeros_like(m)   # sum exp(z - m)
         t = torch.zeros_like(m)   # sum exp(z - m) * z
         for c0 in range(0, v, cols):
-            z = _logits(hc, w[c0:c0 + cols], inv_t)
-            m_new = torch.maximum(m, z.max(dim=1).values)
+            z = _logits(hc, w[c0:c0 + cols], inv_t, clamp)
+            m_new = torch.maximum(m, z.amax(dim=1))
             scale = torch.exp(m - m_new)  # 0 on the first block (m = -inf, m_new finite)
-            e = torch.exp(z - m_new[:, None])
+            e = torch.sub(z, m_new[:, None]).exp_()
             s = s * scale + e.sum(1)
-            t = t * scale + (e * z).sum(1)  # cascade sum: accurate; z >= -1e30 so no nan
+            t = t * scale + torch.linalg.vecdot(e, z)  # z >= -1e30, so e * z is never nan
             m = m_new
-            hit = (yc >= c0) & (yc < c0 + z.shape[1])
-            idx = (yc - c0).clamp(0, z.shape[1] - 1)
-            zy[r0:r0 + rows] += torch.where(hit, z.gather(1, idx[:, None]).squeeze(1), 0.0)
+            zy[r0:r0 + rows] += _pick(z, yc, c0)
         lse[r0:r0 + rows] = m + torch.log(s)
         ent[r0:r0 + rows] = lse[r0:r0 + rows] - t / s
     return zy - lse, ent, lse
 
 
-def _torch_grad_logits(hc, wc, yc, c0, lse, ent, gl, ge, inv_t, out_dtype):
-    """dL/d(h W^T) for one [rows x cols] block whose vocabulary starts at column c0."""
-    z = _logits(hc, wc, inv_t)
-    p = torch.exp(z - lse[:, None])
-    # dz = -p * (gl + ge * (z - Ez)), built in place in z's buffer
-    coef = z.sub_((lse - ent)[:, None]).mul_(ge[:, None]).add_(gl[:, None])
-    dz = p.mul_(coef).neg_()
-    hit = (yc >= c0) & (yc < c0 + dz.shape[1])
+def _pick(z, yc, c0):
+    """``z[r, yc[r] - c0]`` where the target falls in this block's columns, else 0."""
+    hit = (yc >= c0) & (yc < c0 + z.shape[1])
+    idx = (yc - c0).clamp(0, z.shape[1] - 1)
+    return torch.where(hit, z.gather(1, idx[:, None]).squeeze(1), 0.0)
+
+
+def _dz_(z, e, norm, ez, yc, c0, gl, ge):
+    """Overwrite ``z`` (a logits block) with ``dL/dz = gl * 1[v == y] - p * (gl + ge * (z -
+    Ez))``, where ``p = e / norm`` (``e = exp(z - c)``, ``norm`` its row normalizer).
+
+    ``ge`` None means no entropy gradient (one pass fewer).  Returns ``z``."""
+    if ge is None:
+        torch.mul(e, (-gl / norm)[:, None], out=z)
+    else:
+        a, b = -ge / norm, (ge * ez - gl) / norm     # -p * (gl + ge (z - Ez)) = e * (a z + b)
+        torch.addcmul(b[:, None], z, a[:, None], out=z).mul_(e)
+    hit = (yc >= c0) & (yc < c0 + z.shape[1])
     rows = torch.nonzero(hit).squeeze(1)
-    dz[rows, yc[rows] - c0] += gl[rows]
-    return dz.mul_(inv_t).to(out_dtype)
+    z[rows, yc[rows] - c0] += gl[rows]
+    return z
+
+
+def _torch_grad_logits(hc, wc, yc, c0, lse, ent, gl, ge, inv_t, out_dtype, clamp=True):
+    """dL/d(h W^T) for one [rows x cols] block whose vocabulary starts at column c0."""
+    z = _logits(hc, wc, inv_t, clamp)
+    e = torch.sub(z, lse[:, None]).exp_()
+    dz = _dz_(z, e, torch.ones_like(lse), lse - ent, yc, c0, gl, ge)
+    if inv_t != 1.0:
+        dz.mul_(inv_t)
+    return dz.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -199,6 +233,17 @@ def _mm_f32(a, b):
         return (a @ b).float()
 
 
+def _addmm_f32_(acc, a, b, alpha):
+    """``acc += alpha * a @ b`` into a float32 accumulator; bf16/fp16 operands on tensor cores."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b, alpha=alpha)
+    else:
+        try:
+            torch.addmm(acc, a, b, alpha=alpha, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            acc.add_(_mm_f32(a, b), alpha=alpha)
+
+
 def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
                     need_h: bool = True, need_w: bool = True):
     """Gradients of ``sum(gl * logp + ge * entropy)`` w.r.t. ``h`` and ``w``.
@@ -215,17 +260,25 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
     gdtype = h.dtype if h.is_cuda else torch.float32
     dh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if need_h else None
     dw = torch.zeros_like(w) if need_w else None
-    grad_block = _triton_module().grad_logits if backend == "triton" else _torch_grad_logits
+    if backend == "triton":
+        grad_block = _triton_module().grad_logits
+        ge = torch.zeros_like(gl) if ge is None else ge
+    else:
+        clamp = _needs_clamp(w)
+        def grad_block(*args):  # noqa: E306
+            return _torch_grad_logits(*args, clamp=clamp)
     row_blocks = [slice(r0, r0 + rows) for r0 in range(0, n, rows)]
     if not h.is_cuda:  # skip blocks nothing flows into (e.g. all ignored); no host sync on GPU
-        row_blocks = [sl for sl in row_blocks if bool(gl[sl].any() or ge[sl].any())]
+        row_blocks = [sl for sl in row_blocks
+                      if bool(gl[sl].any() or (ge is not None and ge[sl].any()))]
     for c0 in range(0, v, cols):
         wc = w[c0:c0 + cols]
         wg = wc.to(gdtype)
         dw_acc = None
         for sl in row_blocks:
             hc = h[sl]
-            dz = grad_block(hc, wc, y[sl], c0, lse[sl], ent[sl], gl[sl], ge[sl], inv_t, gdtype)
+            dz = grad_block(hc, wc, y[sl], c0, lse[sl], ent[sl], gl[sl],
+                            None if ge is None else ge[sl], inv_t, gdtype)
             if need_h:
                 dh[sl] += _mm_f32(dz, wg)
             if need_w:
@@ -234,6 +287,60 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
         if need_w and dw_acc is not None:
             dw[c0:c0 + cols] = dw_acc
     return (dh.to(h.dtype) if need_h else None), dw
+
+
+def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
+                    need_w: bool = True):
+    """Forward *and* backward in one walk over the [N x V] plane (torch backend).
+
+    For objectives whose gradient with respect to a token's log-prob and entropy is known as
+    soon as that token's own log-prob and entropy are (token-level clipping, dual clip, k3
+    KL, an entropy bonus, a normalizer fixed up front): ``token_grads(sl, logp, ent)`` returns
+    ``(g_logp, g_ent)`` for the rows ``sl`` (``g_ent`` None when the objective does not use
+    the entropy).  Each block of rows x the whole vocabulary is computed once: logits,
+    log-sum-exp, log-prob, entropy, the objective's gradient, ``dz`` (in the logits' buffer),
+    then ``dh[rows] = dz @ w`` and ``dw += dz.T @ h[rows]``: three logits-sized GEMMs in all,
+    no recompute.  Workspace: one ``[rows, V]`` float32 block (``_ONE_PASS_ELEMS``) plus
+    cache-sized slices; ``dw`` accumulates in float32 (an extra ``[V, D]`` float32 buffer
+    only when ``w`` is not float32).
+
+    Returns ``(logp, ent, dh, dw)``: float32 ``[N]``, ``[N]``, and the gradients of
+    ``sum(g_logp * logp + g_ent * ent)`` (``None`` where not needed).
+    """
+    n, v = h.shape[0], w.shape[0]
+    dev = h.device
+    rows = max(1, min(n, _ONE_PASS_ELEMS // v))
+    step = max(1, min(rows, _SLICE_ELEMS // v))
+    clamp = _needs_clamp(w)
+    cd = _compute_dtype(h)
+    wc = w.to(cd)
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    ent = torch.empty_like(logp)
+    dh = torch.empty(n, h.shape[1], dtype=h.dtype, device=dev) if need_h else None
+    dw = None
+    if need_w:
+        dw = torch.zeros(v, h.shape[1], dtype=torch.float32, device=dev)
+    for r0 in range(0, n, rows):
+        hc = h[r0:r0 + rows].to(cd)
+        z = _logits(hc, wc, inv_t, clamp)                   # [R, V] float32, becomes dz
+        for s0 in range(0, z.shape[0], step):               # elementwise work, cache-sized
+            zs = z[s0:s0 + step]
+            sl = slice(r0 + s0, r0 + s0 + zs.shape[0])
+            m = zs.amax(1)
+            e = torch.sub(zs, m[:, None]).exp_()
+            norm = e.sum(1)
+            lse = m + norm.log()
+            ent[sl] = lse - torch.linalg.vecdot(e, zs) / norm
+            logp[sl] = _pick(zs, y[sl], 0) - lse
+            gl, ge = token_grads(sl, logp[sl], ent[sl])
+            _dz_(zs, e, norm, lse - ent[sl], y[sl], 0, gl, ge)
+        dz = z if cd == torch.float32 else z.to(cd)
+        if need_h:
+            g = _mm_f32(dz, wc)
+            dh[r0:r0 + rows] = g.mul_(inv_t) if inv_t != 1.0 else g
+        if need_w:
+            _addmm_f32_(dw, dz.T, hc, inv_t)
+    return logp, ent, dh, (None if dw is None else dw.to(w.dtype))
 
 
 class _FusedLogprobs(torch.autograd.Function):
@@ -248,7 +355,7 @@ class _FusedLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         h, w, y, lse, ent = ctx.saved_tensors
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        ge = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
+        ge = None if g_ent is None else g_ent.float().contiguous()
         dh, dw = linear_backward(h, w, y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dh, dw, None, None, None

@@ -55,12 +55,13 @@ and batch normalizers need the whole forward first anyway).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from fastgrpo.ops.logprobs import linear_backward, linear_forward, resolve_backend, validate_inputs
+from fastgrpo.ops.logprobs import (linear_backward, linear_forward, linear_one_pass,
+                                  resolve_backend, validate_inputs)
 
 __all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS", "NORMALIZERS"]
 
@@ -88,6 +89,14 @@ class _Tokens:
     ref_logp: torch.Tensor | None
     sampling_logp: torch.Tensor | None = None  # [M] may hold NaN (tokens vLLM did not score)
     seq_adv: torch.Tensor | None = None        # [n_seq] when advantages are per sequence
+
+
+def _slice_tokens(tok: _Tokens, sl: slice) -> _Tokens:
+    """The tokens ``sl`` of ``tok``, keeping the whole batch's per-sequence counts."""
+    cut = (lambda x: None if x is None else x[sl])  # noqa: E731
+    return replace(tok, rows=tok.rows[sl], seq=tok.seq[sl], adv=tok.adv[sl],
+                   old_logp=cut(tok.old_logp), ref_logp=cut(tok.ref_logp),
+                   sampling_logp=cut(tok.sampling_logp))
 
 
 def _check_finite(name, x):
@@ -208,6 +217,23 @@ class _Objective:
     bias_correction_kl: bool = False
     entropy_mean_divisor: float | None = None
     metrics: dict = field(default_factory=dict)
+    n_tokens: int | None = None   # the whole call's token count, when ``tok`` is a slice of it
+    record: bool = True           # fill ``metrics``
+
+    @property
+    def token_local(self) -> bool:
+        """True when each token's gradient follows from its own log-prob and entropy alone
+        (so the one-pass path applies): no sequence-level ratio, no group or batch statistic
+        of the log-probs or entropies (EGSW, the entropy quantile, the off-policy mask,
+        VESPO's sequence weights).  Every normalizer here is a count known up front."""
+        return (self.is_level == "token" and self.egsw is None and self.loss_type != "vespo"
+                and self.top_entropy_quantile >= 1 and self.off_policy_mask_threshold is None)
+
+    def restricted(self, sl: slice) -> "_Objective":
+        """This objective's terms for the tokens ``sl`` only (``token_local`` objectives):
+        ``sum over slices of restricted(sl)(logp[sl], ent[sl])`` is ``self(logp, ent)``."""
+        return replace(self, tok=_slice_tokens(self.tok, sl), metrics={}, record=False,
+                       n_tokens=self.tok.seq.numel() if self.n_tokens is None else self.n_tokens)
 
     def __call__(self, logp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
         tok = self.tok
@@ -247,14 +273,16 @@ class _Objective:
         if aux is not None:
             loss = loss + aux.sum() / self.kl_entropy_normalizer
         if self.entropy_mean_divisor is not None:
-            n_kept = ent.new_tensor(len(ent)) if ent_mask is None else ent_mask.sum()
+            n_kept = ent.new_tensor(float(self.n_tokens or len(ent))) if ent_mask is None \
+                else ent_mask.sum()
             mt = self.metrics
             mt["policy_loss"], mt["entropy_kept_sum"], mt["num_kept"] = \
                 loss.detach(), bonus_ent.detach().sum(), n_kept
             if self.entropy_coef:
                 loss = loss - self.entropy_coef * bonus_ent.sum() / n_kept.clamp(min=1) \
                     / self.entropy_mean_divisor
-        self._record_metrics(logp, ent, ratio, adv, kl)
+        if self.record:
+            self._record_metrics(logp, ent, ratio, adv, kl)
         return loss
 
     def _policy_term(self, logp, log_ratio, ratio, adv) -> torch.Tensor:
@@ -313,7 +341,7 @@ class _Objective:
 
     def _token_weights(self) -> torch.Tensor:
         tok, norm = self.tok, self.normalizer
-        m = tok.seq.numel()
+        m = tok.seq.numel() if self.n_tokens is None else self.n_tokens
         if self.loss_type in ("grpo", "sapo"):
             n = norm if norm is not None else tok.n_seq
             return 1.0 / (tok.per_seq_tokens[tok.seq] * n)
@@ -323,7 +351,7 @@ class _Objective:
             n = norm if norm is not None else tok.n_seq
         else:  # dr_grpo
             n = norm if norm is not None else tok.n_seq * self.max_completion_length
-        return torch.full((m,), 1.0 / n, device=tok.seq.device)
+        return torch.full((tok.seq.numel(),), 1.0 / n, device=tok.seq.device)
 
     def _egsw_weights(self, adv, ent) -> torch.Tensor:
         """omega_j = G * softmax_j((A_j + alpha * H_j) / P) within each group; detached."""
@@ -365,6 +393,9 @@ class _Objective:
 
 
 class _FusedGRPO(torch.autograd.Function):
+    """Two passes: the forward keeps three floats per token and the objective's gradient with
+    respect to each token's log-prob and entropy; the backward recomputes the logits."""
+
     @staticmethod
     def forward(ctx, h, w, y, inv_t, backend, objective):
         logp, ent, lse = linear_forward(h, w, y, inv_t, backend)
@@ -372,8 +403,8 @@ class _FusedGRPO(torch.autograd.Function):
             lp = logp.detach().requires_grad_()
             en = ent.detach().requires_grad_()
             loss = objective(lp, en)
-            gl, ge = torch.autograd.grad(loss, (lp, en), allow_unused=True,
-                                         materialize_grads=True)
+            gl, ge = torch.autograd.grad(loss, (lp, en), allow_unused=True)
+        gl = torch.zeros_like(logp) if gl is None else gl
         ctx.save_for_backward(h, w, y, lse, ent, gl, ge)
         ctx.inv_t, ctx.backend = inv_t, backend
         return loss.detach()
@@ -382,9 +413,39 @@ class _FusedGRPO(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h, w, y, lse, ent, gl, ge = ctx.saved_tensors
         g = grad_loss.float()
-        dh, dw = linear_backward(h, w, y, lse, ent, gl * g, ge * g, ctx.inv_t, ctx.backend,
+        dh, dw = linear_backward(h, w, y, lse, ent, gl * g, None if ge is None else ge * g,
+                                 ctx.inv_t, ctx.backend,
                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dh, dw, None, None, None, None
+
+
+class _OnePassGRPO(torch.autograd.Function):
+    """One pass, for ``token_local`` objectives: the forward computes the loss *and* its
+    gradients (``linear_one_pass``: three logits-sized GEMMs, no recompute); the backward
+    only scales them by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, inv_t, objective, need_h, need_w):
+        def token_grads(sl, logp, ent):
+            with torch.enable_grad():
+                lp = logp.detach().requires_grad_()
+                en = ent.detach().requires_grad_()
+                part = objective.restricted(sl)(lp, en)
+                gl, ge = torch.autograd.grad(part, (lp, en), allow_unused=True)
+            return (torch.zeros_like(logp) if gl is None else gl), ge
+
+        logp, ent, dh, dw = linear_one_pass(h, w, y, inv_t, token_grads, need_h, need_w)
+        ctx.save_for_backward(dh, dw)
+        return objective(logp, ent)   # the exact value, and the metrics, from the whole batch
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+            g = grad_loss.to(torch.float32)
+            dh = None if dh is None else (dh.float() * g).to(dh.dtype)
+            dw = None if dw is None else (dw.float() * g).to(dw.dtype)
+        return dh, dw, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -408,7 +469,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               gather_entropies=None, off_policy_mask_threshold: float | None = None,
               sampling_logp=None, bias_correction_kl: bool = False,
               entropy_mean_divisor: float | None = None,
-              ignore_index: int = -100, backend: str = "auto"):
+              ignore_index: int = -100, backend: str = "auto", one_pass: bool | None = None):
     """Clipped StepGRPO/GRPO policy loss straight from hidden states.
 
     Layouts:
@@ -454,6 +515,11 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         entropy_mean_divisor: when given, the entropy bonus is ``entropy_coef`` times the token
             mean of H over the kept tokens, divided by this number (TRL: the accumulation
             steps), whatever the loss type.  Not with ``kl_entropy_normalizer``.
+        one_pass: compute the loss and its gradients in one walk over the logits (three
+            GEMMs, no recompute in backward) when the objective is token-local (token-level
+            ratio; no EGSW, entropy quantile, off-policy mask or VESPO: those couple tokens
+            and keep the two-pass path).  ``None``: on for the torch backend on CPU, where it
+            measures faster; ``False`` forces the two-pass path.
 
     Returns:
         ``(loss, metrics)``: a float32 scalar differentiable w.r.t. ``hidden`` and ``weight``,
@@ -545,8 +611,16 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     h_tok = h if tok.rows.numel() == h.shape[0] else h.index_select(0, tok.rows)
     h_tok = h_tok if h_tok.stride(-1) == 1 else h_tok.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    loss = _FusedGRPO.apply(h_tok, w, y[tok.rows].long(), 1.0 / float(temperature), backend,
-                            objective)
+    y_tok = y[tok.rows].long()
+    need_h = torch.is_grad_enabled() and h_tok.requires_grad
+    need_w = torch.is_grad_enabled() and w.requires_grad
+    if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
+        one_pass = backend == "torch" and not h.is_cuda
+    if one_pass and objective.token_local and (need_h or need_w):
+        loss = _OnePassGRPO.apply(h_tok, w, y_tok, 1.0 / float(temperature), objective,
+                                  need_h, need_w)
+    else:
+        loss = _FusedGRPO.apply(h_tok, w, y_tok, 1.0 / float(temperature), backend, objective)
     return loss, objective.metrics
 
 
