@@ -5,7 +5,14 @@
 * ``liger``: Liger-Kernel's chunked selective log-prob (logp) / LigerFusedLinearGRPOLoss.
 * ``liger_triton_grpo``: Liger's Triton ``triton_grpo_loss`` fed with materialized logits
   (CUDA only).
-* ``cublas``: one ``h @ w.T`` of the same shape: the ceiling for each of the four passes.
+* ``cce``: Apple's Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (the log-prob
+  of the target, no entropy): its Triton kernels on CUDA, its ``torch_compile`` implementation
+  elsewhere.
+* ``floor``: the three matrix products of the same shape that any fwd+bwd must run (logits,
+  dH, dW: 6*N*D*V FLOPs) through ``torch.mm``, measured in the same run: the time floor.
+
+``fastgrpo`` in the loss table is the automatic choice (one pass on CPU, the Triton two-pass
+kernels on CUDA); ``fastgrpo_two_pass`` / ``fastgrpo_one_pass`` force each path.
 """
 
 import torch
@@ -38,13 +45,23 @@ def logprobs_liger(h, w, y):
     logp.sum().backward()   # Liger's path yields log-probs only (no entropy)
 
 
-def cublas_matmul(h, w, y):
+def logprobs_cce(h, w, y):
+    from cut_cross_entropy import linear_cross_entropy
+    impl = "cce" if h.is_cuda else "torch_compile"
+    nll = linear_cross_entropy(h, w, y, reduction="none", impl=impl)
+    (-nll).sum().backward()   # CCE gives the target's log-prob only (no entropy)
+
+
+def floor_gemms(h, w, y):
+    """logits = h @ w.T, dH = dz @ w, dW = dz.T @ h: what fwd+bwd cannot do without."""
     with torch.no_grad():
-        h @ w.T
+        z = h @ w.T
+        z @ w
+        z.T @ h
 
 
 LOGPROB_IMPLS = {"fastgrpo": logprobs_fastgrpo, "naive": logprobs_naive,
-                 "liger": logprobs_liger, "cublas": cublas_matmul}
+                 "liger": logprobs_liger, "cce": logprobs_cce}
 
 
 # ----------------------------------------------------------------------------- GRPO loss
@@ -64,9 +81,18 @@ def loss_inputs(y, seq_len=512, seed=0):
 LOSS_OPTS = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo")
 
 
-def loss_fastgrpo(h, w, y, cu, adv, old, ref):
-    loss, _ = grpo_loss(h, w, y, adv, cu_seqlens=cu, old_logp=old, ref_logp=ref, **LOSS_OPTS)
+def loss_fastgrpo(h, w, y, cu, adv, old, ref, one_pass=None):
+    loss, _ = grpo_loss(h, w, y, adv, cu_seqlens=cu, old_logp=old, ref_logp=ref,
+                        one_pass=one_pass, **LOSS_OPTS)
     loss.backward()
+
+
+def loss_fastgrpo_two_pass(*args):
+    loss_fastgrpo(*args, one_pass=False)
+
+
+def loss_fastgrpo_one_pass(*args):
+    loss_fastgrpo(*args, one_pass=True)
 
 
 def _padded(h, y, cu, old, ref):
@@ -110,5 +136,7 @@ def loss_liger_triton_grpo(h, w, y, cu, adv, old, ref):
     loss.backward()
 
 
-LOSS_IMPLS = {"fastgrpo": loss_fastgrpo, "naive": loss_naive, "liger": loss_liger,
-              "liger_triton_grpo": loss_liger_triton_grpo}
+LOSS_IMPLS = {"fastgrpo": loss_fastgrpo, "fastgrpo_two_pass": loss_fastgrpo_two_pass,
+              "fastgrpo_one_pass": loss_fastgrpo_one_pass, "naive": loss_naive,
+              "liger": loss_liger, "liger_triton_grpo": loss_liger_triton_grpo}
+OURS = ("fastgrpo", "fastgrpo_two_pass", "fastgrpo_one_pass")

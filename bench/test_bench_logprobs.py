@@ -1,21 +1,27 @@
-"""fused_logprobs forward+backward (logp and entropy) against naive PyTorch and Liger-Kernel.
+"""fused_logprobs forward+backward (logp and entropy) against naive PyTorch, Liger-Kernel and
+Apple's Cut Cross-Entropy, and the 6*N*D*V floor (three ``torch.mm``) of each shape.
 
-FLOPs counted: 8*N*D*V for fwd+bwd (logits, recomputed logits, dH, dW), 2*N*D*V for the
-cuBLAS ``h @ w.T`` reference.  ``pytest bench/ --benchmark-json out.json`` saves everything.
+FLOPs recorded: 6*N*D*V for every row (the floor's count; fastgrpo's two-pass log-prob path
+runs 8*N*D*V, recomputing the logits in backward).  ``pytest bench/ --benchmark-json out.json``
+saves everything; the session ends with the tables (bench/conftest.py).
 """
 import pytest
 
 from conftest import make_inputs, peak_extra, record, sync
-from implementations import LOGPROB_IMPLS
+from implementations import LOGPROB_IMPLS, floor_gemms
+
+PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+
+
+def _rounds(device):
+    return 5 if device == "cuda" else 3
 
 
 @pytest.mark.parametrize("impl", list(LOGPROB_IMPLS))
 def test_logprobs_fwd_bwd(benchmark, shape, impl):
     n, d, v, device, dtype = shape
-    if impl == "liger":
-        pytest.importorskip("liger_kernel")
-    if impl == "cublas" and device != "cuda":
-        pytest.skip("the cuBLAS ceiling is a GPU figure")
+    if impl in PEER_MODULES:
+        pytest.importorskip(PEER_MODULES[impl])
     h, w, y = make_inputs(n, d, v, device, dtype)
     fn = LOGPROB_IMPLS[impl]
 
@@ -25,6 +31,19 @@ def test_logprobs_fwd_bwd(benchmark, shape, impl):
         sync()
 
     peak = peak_extra("logprobs", impl, run, n, d, v)
-    benchmark.pedantic(run, rounds=5 if device == "cuda" else 3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=_rounds(device), warmup_rounds=1)
     record(benchmark, kind="logprobs", impl=impl, n=n, d=d, v=v, dtype=dtype,
-           flops=(2 if impl == "cublas" else 8) * n * d * v, peak=peak)
+           flops=6 * n * d * v, peak=peak)
+
+
+def test_floor_three_gemms(benchmark, shape):
+    n, d, v, device, dtype = shape
+    h, w, y = make_inputs(n, d, v, device, dtype)
+
+    def run():
+        floor_gemms(h, w, y)
+        sync()
+
+    benchmark.pedantic(run, rounds=_rounds(device), warmup_rounds=1)
+    record(benchmark, kind="floor", impl="floor", n=n, d=d, v=v, dtype=dtype,
+           flops=6 * n * d * v, peak=None)
