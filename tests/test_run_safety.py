@@ -230,7 +230,7 @@ def test_output_path_blocked_by_a_file_fails_at_start(tmp_path, capsys, name):
     (["--epsilon-low", "nan"], "invalid --epsilon-low nan: must be a finite number"),
     (["--temperature=-inf"], "invalid --temperature -inf: must be a finite number"),
     (["--device", "tpu"], "invalid --device 'tpu'"),
-    (["--report-to", "wandb"], "invalid --report-to 'wandb'"),
+    (["--report-to", "mlflow"], "invalid --report-to 'mlflow'"),
 ])
 def test_non_finite_and_unknown_options_are_config_errors(argv, message):
     with pytest.raises(ConfigError) as e:

@@ -23,15 +23,24 @@ from fastgrpo.ops.loss import IS_LEVELS, LOSS_TYPES
 from fastgrpo.trainer.attention import ALIASES as ATTENTION_ALIASES
 from fastgrpo.trainer.attention import BACKENDS as ATTENTION_BACKENDS
 
-__all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "explicit_fields"]
+__all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "explicit_fields",
+           "report_targets"]
 
 DP_STRATEGIES = ("auto", "ddp", "fsdp")
 LORA_TARGET = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-REPORT_TO = ("none", "tensorboard")
+REPORT_TO = ("none", "tensorboard", "wandb")
+# --report-to target -> (module that must be importable, how to install it)
+REPORT_NEEDS = {"tensorboard": ("tensorboard", "pip install tensorboard"),
+                "wandb": ("wandb", "pip install 'fastgrpo[wandb]'")}
 
 
 class ConfigError(ValueError):
     """An invalid configuration value (the message names the option and value)."""
+
+
+def report_targets(report_to: str) -> tuple[str, ...]:
+    """The loggers a ``--report-to`` value names (``"none"``: none)."""
+    return tuple(x.strip() for x in report_to.split(",") if x.strip() not in ("", "none"))
 
 
 def _f(default, help, **kw):
@@ -115,7 +124,9 @@ class TrainConfig:
     plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
     save: bool = _f(True, "save the final model to <out_dir>/model")
     progress: bool = _f(True, "progress bar on stderr")
-    report_to: str = _f("none", "metrics loggers besides metrics.jsonl: none | tensorboard (into <out_dir>/tb)")
+    report_to: str = _f("none", "metrics loggers besides metrics.jsonl, comma-separated: none | "
+                                "tensorboard (into <out_dir>/tb) | wandb (into <out_dir>/wandb; "
+                                "offline unless WANDB_MODE is set)")
     collapse_warn_steps: int = _f(5, "warn when every group had equal rewards (nothing trains) for N "
                                      "consecutive steps (0: never)")
     # checkpoints and resume
@@ -127,7 +138,8 @@ class TrainConfig:
     resume_force: bool = _f(False, "resume even when the checkpoint's run identity (model, data, seed, "
                                    "hyper-parameters) differs from this run's options")
     overwrite: bool = _f(False, "start fresh in an --out-dir that holds an earlier run: delete its "
-                                "metrics, samples, summary, plot, model, checkpoints and tb/ first")
+                                "metrics, samples, summary, plot, model, checkpoints, tb/ and "
+                                "wandb/ first")
     # hardware, presets, parallelism
     attn_implementation: str = _f("auto", "attention backend: auto | flash_attention_2 | xformers | sdpa | eager "
                                           "(auto: flash-attn, then xformers on CUDA, else sdpa)")
@@ -150,12 +162,14 @@ class TrainConfig:
                 dev = None
             if dev is None or dev.type not in ("cpu", "cuda", "mps"):
                 bad("device", "choose auto, cpu, cuda, cuda:N or mps")
-        if self.report_to not in REPORT_TO:
-            bad("report_to", f"choose one of {', '.join(REPORT_TO)} (wandb is not supported yet)")
-        if self.report_to == "tensorboard":
-            import importlib.util
-            if importlib.util.find_spec("tensorboard") is None:
-                bad("report_to", "needs the tensorboard package (pip install tensorboard)")
+        names = [x.strip() for x in self.report_to.split(",")]
+        if any(x not in REPORT_TO for x in names) or ("none" in names and len(names) > 1):
+            bad("report_to", f"choose none or a comma-separated list of {', '.join(REPORT_TO[1:])}")
+        import importlib.util
+        for name in report_targets(self.report_to):
+            module, install = REPORT_NEEDS[name]
+            if importlib.util.find_spec(module) is None:
+                bad("report_to", f"needs the {module} package ({install})")
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the run that --resume {self.resume!r} would "
                               f"continue; give one of them")

@@ -1,4 +1,5 @@
-"""What a run writes as it goes: ``metrics.jsonl``, ``samples.jsonl``, the progress bar.
+"""What a run writes as it goes: ``metrics.jsonl``, ``samples.jsonl``, the progress bar, and
+the ``--report-to`` loggers (tensorboard into ``<out>/tb``, wandb into ``<out>/wandb``).
 
 Rank 0 alone writes.  On resume, lines of steps after the checkpoint (a killed run may have
 logged a step after its last checkpoint) are dropped before appending.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from fastgrpo.trainer.config import ConfigError, report_targets
 
 __all__ = ["RunLog", "Progress", "peak_memory_mb", "restore_log", "to_json", "json_safe", "step_line"]
 
@@ -108,11 +112,11 @@ class RunLog:
     ``start > 0`` (a resumed run) keeps the logged steps up to ``start`` and appends."""
 
     def __init__(self, out_dir: Path, start: int, enabled: bool, *, total: int = 0,
-                 report_to: str = "none", stdout: bool = True):
+                 report_to: str = "none", stdout: bool = True, config: dict | None = None):
         self.history: list[dict] = []
         self.enabled = enabled
         self.total, self.stdout = total, stdout
-        self.metrics_f = self.samples_f = self.tb = None
+        self.metrics_f = self.samples_f = self.tb = self.wandb = None
         if not enabled:
             return
         if start > 0:
@@ -122,13 +126,16 @@ class RunLog:
         mode = "a" if start > 0 else "w"
         self.metrics_f = (out_dir / "metrics.jsonl").open(mode)
         self.samples_f = (out_dir / "samples.jsonl").open(mode)
-        if report_to == "tensorboard":
+        targets = report_targets(report_to)
+        if "tensorboard" in targets:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError(f"--report-to tensorboard needs the tensorboard package "
                                   f"(pip install tensorboard): {e}") from None
             self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start + 1 if start else None)
+        if "wandb" in targets:
+            self.wandb = _wandb_run(out_dir, config or {})
 
     def metrics(self, m: dict) -> None:
         if not self.enabled:
@@ -137,11 +144,14 @@ class RunLog:
         self.metrics_f.flush()
         if self.stdout:
             print(step_line(m, self.total), flush=True)
+        scalars = {k: v for k, v in m.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for k, v in m.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, m["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, m["step"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=m["step"])
         self.history.append(m)
 
     def sample(self, row: dict) -> None:
@@ -149,7 +159,32 @@ class RunLog:
             self.samples_f.write(to_json(row) + "\n")
             self.samples_f.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Close the files and loggers; ``exit_code`` != 0 marks the wandb run as failed."""
         for f in (self.metrics_f, self.samples_f, self.tb):
             if f is not None:
                 f.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None
+
+
+def _wandb_run(out_dir: Path, config: dict):
+    """A wandb run writing into ``<out_dir>/wandb``: offline (no account, nothing sent; ``wandb
+    sync`` uploads it later) unless the user set ``WANDB_MODE``.  Project ``fastgrpo`` and the
+    run name ``out_dir``'s name, unless ``WANDB_PROJECT`` / ``WANDB_NAME`` say otherwise.  A
+    resumed run is a new wandb run whose steps continue the checkpoint's."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError(f"--report-to wandb needs the wandb package "
+                          f"(pip install 'fastgrpo[wandb]'): {e}") from None
+    mode = os.environ.get("WANDB_MODE", "offline")
+    # the process-wide settings too: wandb's own usage telemetry follows those, not init's mode
+    wandb.setup(settings=wandb.Settings(mode=mode))
+    try:
+        return wandb.init(dir=str(out_dir), mode=mode,
+                          project=os.environ.get("WANDB_PROJECT", "fastgrpo"),
+                          name=os.environ.get("WANDB_NAME", out_dir.name), config=config)
+    except wandb.errors.Error as e:  # e.g. WANDB_MODE=online without an account
+        raise ConfigError(f"--report-to wandb (WANDB_MODE={mode}): {e}") from None

@@ -73,7 +73,8 @@ from fastgrpo.trainer.attention import AttentionBackendError, apply_attention, s
 from fastgrpo.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteLossError,
                                          capture_rng_state, load_checkpoint, params_are_finite,
                                          resolve_resume, save_checkpoint)
-from fastgrpo.trainer.config import ConfigError, TrainConfig, explicit_fields, parse_args
+from fastgrpo.trainer.config import (ConfigError, TrainConfig, explicit_fields, parse_args,
+                                     report_targets)
 from fastgrpo.trainer.learn import NO_UPDATE_METRICS, batch_logprobs, lr_at, optimize
 from fastgrpo.trainer.logs import Progress, RunLog, json_safe, peak_memory_mb
 from fastgrpo.trainer.outdir import OutDirLock, check_fresh, check_writable
@@ -396,7 +397,8 @@ def _claim_out_dir(cfg: TrainConfig, info: dist_.DistInfo) -> OutDirLock | None:
     lock, error = None, None
     if info.is_main:
         try:
-            dirs = ["model"] * cfg.save + [CHECKPOINT_DIR] + ["tb"] * (cfg.report_to == "tensorboard")
+            dirs = ["model"] * cfg.save + [CHECKPOINT_DIR] + [
+                {"tensorboard": "tb", "wandb": "wandb"}[t] for t in report_targets(cfg.report_to)]
             check_writable(cfg.out_dir, dirs=dirs)
             lock = OutDirLock(cfg.out_dir).acquire()
             if not cfg.resume:
@@ -611,14 +613,19 @@ def _train_steps(r: _Run, signals: "_Signals") -> dict:
             print(f"eval before: accuracy {r.before['accuracy']:.3f}  validity "
                   f"{r.before['validity']:.3f}", file=sys.stderr)
     log = RunLog(r.out_dir, r.start, r.main, total=cfg.steps, report_to=cfg.report_to,
-                 stdout=not cfg.progress)
+                 stdout=not cfg.progress, config=dataclasses.asdict(cfg))
     progress = Progress(cfg.steps, cfg.progress and r.main, initial=r.start)
     r.t_start = time.perf_counter() - float(extra.get("seconds", 0.0))
+    exit_code = 1  # a failure, a signal or a second signal's SystemExit: the loggers say failed
     try:
         _loop(r, log, progress, signals)
+        exit_code = 0
+    except TrainingInterrupted as e:
+        exit_code = e.exit_code
+        raise
     finally:
         progress.close()
-        log.close()
+        log.close(exit_code)
     return _finish(r, log.history)
 
 

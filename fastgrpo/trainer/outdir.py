@@ -23,7 +23,7 @@ __all__ = ["OutDirLock", "check_fresh", "check_writable", "earlier_outputs", "LO
 
 LOCK_FILE = ".lock"
 OUTPUT_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "curves.png")
-OUTPUT_DIRS = ("model", "checkpoints", "tb")
+OUTPUT_DIRS = ("model", "checkpoints", "tb", "wandb")
 
 
 class OutDirLock:
