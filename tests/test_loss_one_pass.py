@@ -172,3 +172,22 @@ def test_minus_inf_weight_row(small_blocks):
                               old=old, entropy_coef=0.01)
     assert torch.isfinite(one) and torch.isfinite(m1["entropy"])
     torch.testing.assert_close(one.double(), ref_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_bf16_model_on_cpu(small_blocks, one_pass):
+    """bf16 hidden states and lm_head on CPU: the logits stay fp32 (log-probs, hence ratios and
+    the loss, at fp32 accuracy), the gradient GEMMs may run in bf16 (the gradients' dtype):
+    within bf16's 1e-2 of float64."""
+    h, w, y, mask, adv, old, ref = make_batch(seed=14, v=V)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    kw = dict(old_logp=old, ref_logp=ref, beta=0.04, entropy_coef=0.01)
+    loss, gh, gw, _ = grads(lambda h_, w_: grpo_loss(h_, w_, y, adv, completion_mask=mask,
+                                                     one_pass=one_pass, **kw), hb, wb)
+    hr, wr = hb.double().requires_grad_(), wb.double().requires_grad_()
+    ref_loss = reference_loss(hr, wr, y, mask, adv, old=old, ref=ref, beta=0.04,
+                              entropy_coef=0.01)
+    rgh, rgw = torch.autograd.grad(ref_loss, (hr, wr))
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
+    for g, r in ((gh, rgh), (gw, rgw)):
+        assert float((g - r).norm() / r.norm()) < 1e-2
