@@ -209,7 +209,7 @@ def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool =
     device = mb.input_ids.device
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
         hidden, weight = policy(mb.input_ids, mb.position_ids, cu_seqlens=mb.cu_seqlens,
-                                max_seqlen=mb.max_seqlen)
+                                max_seqlen=mb.max_seqlen, **mb.model_inputs)
     return hidden, weight.to(hidden.dtype)
 
 
