@@ -157,6 +157,13 @@ class VisionAdapter:
         else:
             self.marker = self.image_token
         self.mrope = self.family in QWEN_FAMILIES
+        # never sampled in a completion: an image token there has no image behind it (the
+        # forward would fail on the count of image features)
+        names = ("image_token_id", "image_token_index", "video_token_id",
+                 "vision_start_token_id", "vision_end_token_id")
+        self.banned_token_ids = sorted({int(getattr(config, n)) for n in names
+                                        if getattr(config, n, None) is not None
+                                        and int(getattr(config, n)) < len(tokenizer)})
 
     # ------------------------------------------------------------------ images and tokens
     def process(self, images) -> tuple[dict, list[int]]:
@@ -235,6 +242,24 @@ class VisionAdapter:
         if self.mrope and "image_grid_thw" in inputs:
             out["mm_token_type_ids"] = self.token_type_ids(ids)
         return out
+
+
+    def prefill_inputs(self, model, prompts: Sequence[Sequence[int]], inputs: Sequence[dict],
+                       ids: torch.Tensor, att: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The prefill of left-padded prompts ``ids`` ``[B, W]`` (``att`` 1 at real tokens):
+        ``(extra forward kwargs, position_ids)``; positions ``[3, B, W]`` for mrope (each
+        prompt's own, padding at 0), else ``[B, W]`` counting real tokens.  The next token of
+        row b then sits at ``positions[..., b, :].max() + 1`` (text after the prompt)."""
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        if self.mrope:
+            width = ids.shape[1]
+            pos3 = torch.zeros(3, *ids.shape, dtype=torch.long)
+            for b, (p, inp) in enumerate(zip(prompts, inputs)):
+                pos3[:, b, width - len(p):] = self.positions(model, p, inp or {})
+            pos = pos3.to(ids.device)
+        parts = [x for x in inputs if x]
+        extra = self.forward_inputs(ids, concat_inputs(parts)) if parts else {}
+        return {k: v.to(ids.device) for k, v in extra.items()}, pos
 
 
 def _inner_model(model):
