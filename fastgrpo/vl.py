@@ -35,14 +35,17 @@ import torch
 
 __all__ = ["IMAGE_PLACEHOLDER", "VisionAdapter", "VisionError", "is_vision_config",
            "load_image_processor", "attach_vision", "freeze_vision", "vision_modules",
-           "load_images", "concat_inputs"]
+           "load_images", "concat_inputs", "check_placeholders"]
 
 IMAGE_PLACEHOLDER = "<image>"
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 FAMILIES = QWEN_FAMILIES + ("llava",)
 
 
-class VisionError(ValueError):
+from fastgrpo.tasks.data import DataError
+
+
+class VisionError(DataError):
     """An image or a prompt that cannot be given to the model (the message names row and path)."""
 
 
@@ -132,6 +135,17 @@ def concat_inputs(parts: Sequence[dict]) -> dict:
     return {k: torch.cat([p[k] for p in parts if k in p], 0) for k in keys}
 
 
+def check_placeholders(prompt: str, n_images: int, where: str = "") -> None:
+    """The prompt's ``<image>`` count must equal its images (or be 0: the images then go in
+    front of the text); else :class:`VisionError` naming ``where``."""
+    n_ph = prompt.count(IMAGE_PLACEHOLDER)
+    if n_ph and n_ph != n_images:
+        pre = f"{where}: " if where else ""
+        more = "more images than" if n_images > n_ph else "fewer images than"
+        raise VisionError(f"{pre}{more} image placeholders: {n_images} image(s), {n_ph} "
+                          f"{IMAGE_PLACEHOLDER!r} in the prompt")
+
+
 class VisionAdapter:
     """Images -> model inputs and image tokens for one model family.
 
@@ -189,13 +203,9 @@ class VisionAdapter:
         if self.image_token in prompt.replace(IMAGE_PLACEHOLDER, "") and self.image_token != IMAGE_PLACEHOLDER:
             raise VisionError(f"{pre}the prompt holds the model's image token {self.image_token!r} "
                               f"itself; mark images with {IMAGE_PLACEHOLDER!r}")
+        check_placeholders(prompt, len(images), where)
         if images and n_ph == 0:
             prompt = IMAGE_PLACEHOLDER * len(images) + "\n" + prompt
-            n_ph = len(images)
-        if n_ph != len(images):
-            more = "more images than" if len(images) > n_ph else "fewer images than"
-            raise VisionError(f"{pre}{more} image placeholders: {len(images)} image(s), {n_ph} "
-                              f"{IMAGE_PLACEHOLDER!r} in the prompt")
         inputs, counts = self.process(images)
         text = prompt.replace(IMAGE_PLACEHOLDER, self.marker)
         ids = list(encode_fn(self.tokenizer, text))
