@@ -45,7 +45,8 @@ def _image_processor(family: str, *, min_pixels: int, max_pixels: int, image_siz
 def build_tiny_vl(family: str = "qwen2_vl", *, tokenizer=None, seed: int = 0, hidden_size: int = 64,
                   num_layers: int = 2, num_heads: int = 4, vision_depth: int = 2,
                   vision_dim: int = 32, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 16,
-                  image_size: int = 28, attn_implementation: str = "sdpa"):
+                  image_size: int = 28, attn_implementation: str = "sdpa",
+                  vocab_size: int | None = None, tie_word_embeddings: bool = True):
     """A freshly initialised tiny VL model of ``family`` (``FAMILIES``), its tokenizer and its PIL
     image processor.  Qwen: head_dim 16 (mrope sections 2/3/3), 14-pixel patches merged 2x2.
     LLaVA: a 2-layer CLIP vision tower on ``image_size`` pixels, 14-pixel patches, Llama text."""
@@ -53,7 +54,7 @@ def build_tiny_vl(family: str = "qwen2_vl", *, tokenizer=None, seed: int = 0, hi
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     tok = tokenizer or tiny_vl_tokenizer(family)
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_TOKENS + _LLAVA_TOKENS if t in tok.get_vocab()}
-    text = dict(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
+    text = dict(vocab_size=vocab_size or len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
                 num_attention_heads=num_heads, num_key_value_heads=num_heads // 2,
                 intermediate_size=2 * hidden_size, max_position_embeddings=4096,
                 rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -68,7 +69,8 @@ def build_tiny_vl(family: str = "qwen2_vl", *, tokenizer=None, seed: int = 0, hi
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
         common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                       vision_start_token_id=ids["<|vision_start|>"],
-                      vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+                      vision_end_token_id=ids["<|vision_end|>"],
+                      tie_word_embeddings=tie_word_embeddings)
         if family == "qwen2_vl":
             from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as M
             vision.update(embed_dim=vision_dim, mlp_ratio=2)
@@ -89,7 +91,8 @@ def build_tiny_vl(family: str = "qwen2_vl", *, tokenizer=None, seed: int = 0, hi
         cfg = LlavaConfig(text_config={"model_type": "llama", **text, "max_position_embeddings": 4096},
                           vision_config=vision, image_token_index=ids["<image>"],
                           vision_feature_layer=-1, vision_feature_select_strategy="default",
-                          image_seq_length=(image_size // 14) ** 2, tie_word_embeddings=True)
+                          image_seq_length=(image_size // 14) ** 2,
+                          tie_word_embeddings=tie_word_embeddings)
     cfg._attn_implementation = attn_implementation
     for sub in ("text_config", "vision_config"):
         getattr(cfg, sub)._attn_implementation = attn_implementation
