@@ -122,6 +122,10 @@ class TrainingInterrupted(Exception):
 
 def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """Train and eval rows: JSONL files when given, else the built-in task's splits."""
+    if cfg.task == "charts" and not (cfg.train_file or cfg.eval_file):
+        from fastgrpo.tasks.charts import make_splits as chart_splits
+        train, evals = chart_splits(0)  # images as PIL objects in each row's "image"
+        return train, evals[:cfg.eval_size]
     if cfg.train_file or cfg.eval_file:
         train = load_jsonl(cfg.train_file) if cfg.train_file else make_splits(cfg.seed)[0]
         evals = load_jsonl(cfg.eval_file) if cfg.eval_file else []
@@ -309,6 +313,12 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     if cfg.preset:
         cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
     train_rows, eval_rows = load_data(cfg)
+    if model is None and cfg.task == "charts" and not cfg.model:
+        from fastgrpo.tasks.charts import CHARTS_WARMUP_DIR
+        if not (CHARTS_WARMUP_DIR / "config.json").is_file():
+            raise ConfigError("--task charts: no shipped warm-up model; give --model DIR (e.g. "
+                              "the output of python -m fastgrpo.sft --task charts --out DIR)")
+        cfg = dataclasses.replace(cfg, model=str(CHARTS_WARMUP_DIR))
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)
         model, tokenizer = load_model(cfg.model or None, device=device, attn_implementation=backend)
