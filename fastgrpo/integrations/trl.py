@@ -48,7 +48,9 @@ TRL's own code.  Options fastgrpo does not implement are refused when the traine
 with a ``ValueError`` naming the option: MoE router auxiliary losses (they need the model's
 full forward); models with logit soft-capping, logit scaling or an lm_head bias (not in the
 fused kernel).
-Multimodal batches (``pixel_values`` ...) raise ``NotImplementedError`` at the first step.
+Vision-language batches (TRL's layout: ``pixel_values`` of the batch's images in order,
+``image_grid_thw``, ``mm_token_type_ids`` over prompt + completion, ...) go to the backbone as
+TRL gives them to the model; the fused loss still sees only the language model's hidden states.
 
 Logged metrics (into TRL's ``_metrics``, reduced across processes like TRL's):
 ``entropy``, ``kl`` (when ``beta != 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
@@ -81,8 +83,7 @@ __all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "check_supported", "SUPPORTE
 
 SUPPORTED_LOSS_TYPES = LOSS_TYPES  # TRL's loss types that the fused loss implements
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
-                    "image_sizes", "num_images", "image_position_ids", "mm_token_type_ids",
-                    "token_type_ids")
+                    "image_sizes", "image_position_ids", "mm_token_type_ids", "token_type_ids")
 
 
 def _refuse(option, value, why):
@@ -157,10 +158,10 @@ class _FastGRPOMixin:
         _install_backbone_forward(_inner_model(self))
 
     def _compute_loss(self, model, inputs):
-        for key in _MULTIMODAL_KEYS:
-            if inputs.get(key) is not None:
-                raise NotImplementedError(f"FastGRPOTrainer takes text-only batches; this batch "
-                                          f"has {key!r}")
+        # vision-language batches (TRL's layout: pixel values of all the batch's images in
+        # order, image_grid_thw / mm_token_type_ids / ...): the model's own forward arguments,
+        # passed as TRL passes them (num_images / num_tiles are TRL's bookkeeping, not inputs)
+        mm = {k: inputs[k] for k in _MULTIMODAL_KEYS if inputs.get(k) is not None}
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -171,7 +172,7 @@ class _FastGRPOMixin:
 
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask,
-                        fastgrpo_backbone=True)
+                        fastgrpo_backbone=True, **mm)
         hidden = out.last_hidden_state[:, -t - 1:-1]          # states that predict the completion
         weight = lm_head_weight(self.model)
         hidden = hidden.to(weight.device)

@@ -146,6 +146,15 @@ class TrainConfig:
     preset: str = _f("", "named preset, e.g. smollm2-135m: its model and hyper-parameters, except options "
                          "given explicitly (flags or --config file) (fastgrpo.trainer.presets.PRESETS lists them)")
     dp_strategy: str = _f("auto", "data parallelism under torchrun: auto (FSDP2 on CUDA, DDP on CPU) | ddp | fsdp")
+    # vision-language models (fastgrpo.vl): rows with `image` (a path or a list, relative to the JSONL)
+    task: str = _f("", "built-in task when no --train-file: arithmetic (default; the shipped text "
+                       "warm-up model) | charts (Pillow bar charts for a vision-language --model)")
+    freeze_vision: bool = _f(False, "vision-language model: freeze the vision tower and projector "
+                                    "(train the language model only; default: all trainable, as R1-VL)")
+    min_pixels: int = _f(0, "vision-language model: smallest image area in pixels after resizing "
+                            "(Qwen2-VL processors; 0: the model's preprocessor_config.json)")
+    max_pixels: int = _f(0, "vision-language model: largest image area in pixels after resizing "
+                            "(R1-VL's 2B run used 400000; 0: the model's preprocessor_config.json)")
 
     def validate(self) -> "TrainConfig":
         def bad(name, why):
@@ -208,6 +217,13 @@ class TrainConfig:
             bad("importance_sampling_level", f"choose one of {', '.join(IS_LEVELS)}")
         if self.backend not in BACKENDS:
             bad("backend", f"choose one of {', '.join(BACKENDS)}")
+        if self.task not in ("", "arithmetic", "charts"):
+            bad("task", "choose arithmetic or charts")
+        for n in ("min_pixels", "max_pixels"):
+            if getattr(self, n) < 0:
+                bad(n, "must be >= 0 (0: the model's own setting)")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            bad("min_pixels", f"must be <= --max-pixels {self.max_pixels}")
         if self.lora_r < 0:
             bad("lora_r", "must be >= 0 (0: no LoRA)")
         if self.lora_r and not self.lora_alpha > 0:

@@ -41,11 +41,11 @@ class HFEngine:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     def generate(self, prompt_ids, *, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
-                 do_sample=True, rows=None):
+                 do_sample=True, rows=None, prompt_inputs=None, vision=None):
         return _rollout.generate(self.model, self.tokenizer, prompt_ids, group_size=group_size,
                                  max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, do_sample=do_sample, batch_size=self.batch_size,
-                                 rows=rows)
+                                 rows=rows, prompt_inputs=prompt_inputs, vision=vision)
 
     def sync_weights(self, model) -> None:
         self.model = model

@@ -123,6 +123,10 @@ class TrainingInterrupted(Exception):
 
 def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """Train and eval rows: JSONL files when given, else the built-in task's splits."""
+    if cfg.task == "charts" and not (cfg.train_file or cfg.eval_file):
+        from fastgrpo.tasks.charts import make_splits as chart_splits
+        train, evals = chart_splits(0)  # images as PIL objects in each row's "image"
+        return train, evals[:cfg.eval_size]
     if cfg.train_file or cfg.eval_file:
         train = load_jsonl(cfg.train_file) if cfg.train_file else make_splits(cfg.seed)[0]
         evals = load_jsonl(cfg.eval_file) if cfg.eval_file else []
@@ -173,15 +177,20 @@ def compute_advantages(rewards: list[float], group_size: int, cfg: TrainConfig) 
 
 
 def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: TrainConfig,
-             encode=None) -> dict:
+             encode=None, vision=None) -> dict:
     """Greedy held-out accuracy and layout validity (the reward set's accuracy / step_rvr).
-    ``encode(tokenizer, prompt) -> ids`` (default ``tasks.tokenizer.encode_prompt``)."""
+    ``encode(tokenizer, prompt) -> ids`` (default ``tasks.tokenizer.encode_prompt``);
+    ``vision``: the run's ``trainer.vision.VisionRun`` (the rows' images in the prompts)."""
     if not rows:
         return {"accuracy": math.nan, "validity": math.nan}
     encode = encode or encode_prompt
-    prompts = [encode(tokenizer, r["prompt"]) for r in rows]
+    vkw = {}
+    if vision is not None:
+        prompts, vkw = vision.generate_kwargs(rows, encode, "eval")
+    else:
+        prompts = [encode(tokenizer, r["prompt"]) for r in rows]
     ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
-                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, **vkw)
     res = reward_set([r["prompt"] for r in rows], ro.texts, **_columns(rows, list(range(len(rows)))))
     stats = res.stats()
     return {"accuracy": stats["accuracy"]["mean"], "validity": stats["step_rvr"]["mean"]}
@@ -214,6 +223,7 @@ class _Run:
     prompt_cache: dict = field(default_factory=dict)
     run_id: str = ""                       # the run identity its checkpoints record
     engine: object = None                  # the rollout engine (engines.py)
+    vision: object = None                  # vision-language hooks (trainer/vision.py), or None
 
     @property
     def main(self) -> bool:
@@ -221,7 +231,11 @@ class _Run:
 
     def prompt_ids(self, i: int) -> list[int]:
         if i not in self.prompt_cache:
-            self.prompt_cache[i] = self.encode(self.tokenizer, self.train_rows[i]["prompt"])
+            if self.vision is not None:  # image tokens expanded; pixel values in prompt_inputs
+                self.prompt_cache[i] = self.vision.encode(self.train_rows[i], self.encode,
+                                                          f"train row {i + 1}")[0]
+            else:
+                self.prompt_cache[i] = self.encode(self.tokenizer, self.train_rows[i]["prompt"])
         return self.prompt_cache[i]
 
     def evaluate(self) -> dict:
@@ -229,7 +243,7 @@ class _Run:
             if not self.evaluator:
                 return {}
             return evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
-                            self.cfg, self.encode)
+                            self.cfg, self.encode, self.vision)
 
     def checkpoint(self, done: int, data_state: dict, rng_states: list[dict], **more) -> Path | None:
         extra = {"data": data_state, "config": dataclasses.asdict(self.cfg),
@@ -248,6 +262,8 @@ class _Run:
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        if self.vision is not None:
+            self.vision.save(directory)
 
 
 def _device(cfg: TrainConfig, info: dist_.DistInfo) -> torch.device:
@@ -298,12 +314,20 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     if cfg.preset:
         cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
     train_rows, eval_rows = load_data(cfg)
+    if model is None and cfg.task == "charts" and not cfg.model:
+        from fastgrpo.tasks.charts import CHARTS_WARMUP_DIR
+        if not (CHARTS_WARMUP_DIR / "config.json").is_file():
+            raise ConfigError("--task charts: no shipped warm-up model; give --model DIR (e.g. "
+                              "the output of python -m fastgrpo.sft --task charts --out DIR)")
+        cfg = dataclasses.replace(cfg, model=str(CHARTS_WARMUP_DIR))
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)
         model, tokenizer = load_model(cfg.model or None, device=device, attn_implementation=backend)
     elif cfg.attn_implementation != "auto":
         apply_attention(model, select_attention(cfg.attn_implementation, device))
     model.to(device)
+    from fastgrpo.trainer.vision import setup_vision
+    vision = setup_vision(cfg, model, tokenizer, train_rows, eval_rows, device=device)  # None: text-only
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -316,6 +340,8 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
         ref_model = model if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
     policy = wrap_model(model, device, strategy=cfg.dp_strategy)
     layout = TAG_LAYOUT if preset is not None and preset.layout == "tag" else None
+    if layout is None and vision is not None:  # R1-VL's multimodal layout (Image Description)
+        from fastgrpo.rewards import R1VL_MULTIMODAL_LAYOUT as layout
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     encode = encode_prompt
@@ -330,7 +356,7 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     return _Run(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
                 build_reward_set(cfg, layout), train_rows, eval_rows, encode,
                 PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
-                engine=make_engine(cfg, model, tokenizer, device, info.world_size))
+                engine=make_engine(cfg, model, tokenizer, device, info.world_size), vision=vision)
 
 
 def _resume(r: _Run) -> dict:
@@ -457,9 +483,11 @@ def _rollout(r: _Run, step: int) -> Rollout:
         try:
             r.engine.wake()
             r.engine.sync_weights(r.model)  # the weights after the last optimizer step
+            vkw = {} if r.vision is None else r.vision.generate_kwargs(
+                [r.train_rows[i] for i in mine], r.encode)[1]
             ro = r.engine.generate([r.prompt_ids(i) for i in mine], group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, do_sample=True)
+                                   top_p=cfg.top_p, do_sample=True, **vkw)
             r.engine.sleep()
         except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
             if "probability tensor contains" not in str(e):
@@ -540,7 +568,10 @@ def _pack(r: _Run, samples: list[Sample]) -> list[MicroBatch]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     plan = balance_microbatches([s.num_tokens for s in samples], r.cfg.micro_batch_tokens,
                                 r.info.world_size)
-    return [mb.to(r.device) for mb in pack_bins(plan[r.info.rank], samples, pad_token_id=pad)]
+    batches = pack_bins(plan[r.info.rank], samples, pad_token_id=pad)
+    if r.vision is not None:  # pixel values in sequence order, per-sequence mrope positions
+        r.vision.attach(batches, samples, r.model)
+    return [mb.to(r.device) for mb in batches]
 
 
 def _learn(r: _Run, batches: list[MicroBatch], step: int, at_start: dict) -> dict:
@@ -778,6 +809,8 @@ def _finish(r: _Run, history: list[dict]) -> dict:
         else:
             r.model.save_pretrained(r.out_dir / "model", **({} if full_sd is None else {"state_dict": full_sd}))
         r.tokenizer.save_pretrained(r.out_dir / "model")
+        if r.vision is not None:
+            r.vision.save(r.out_dir / "model")
     print(f"held-out greedy ({len(r.eval_rows)} problems)   accuracy   validity\n"
           f"  before StepGRPO                {before['accuracy']:8.3f}   {before['validity']:8.3f}\n"
           f"  after  StepGRPO                {after['accuracy']:8.3f}   {after['validity']:8.3f}\n"

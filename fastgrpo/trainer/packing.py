@@ -63,6 +63,9 @@ class MicroBatch:
     max_seqlen: int
     ignore_index: int = -100
     extras: dict = field(default_factory=dict)  # per-token tensors added later (old_logp, ref_logp)
+    # extra forward inputs of a multimodal row (pixel_values, image_grid_thw...: fastgrpo.vl);
+    # then position_ids may be [4, 1, L] (text positions + 3-D mrope)
+    model_inputs: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +83,8 @@ class MicroBatch:
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(mv(self.input_ids), mv(self.position_ids), mv(self.cu_seqlens),
                           mv(self.targets), mv(self.advantages), self.seq_index, self.max_seqlen,
-                          self.ignore_index, {k: mv(v) for k, v in self.extras.items()})
+                          self.ignore_index, {k: mv(v) for k, v in self.extras.items()},
+                          {k: mv(v) for k, v in self.model_inputs.items()})
 
 
 def pack_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],

@@ -39,7 +39,9 @@ __all__ = ["load_model", "PolicyHiddenStates", "wrap_model", "as_policy", "polic
 def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None,
                attn_implementation: str | None = None):
     """``(model, tokenizer)`` from a local Hugging Face model directory (default: the shipped
-    warm-up checkpoint).  Errors name the directory when it is missing or incomplete."""
+    warm-up checkpoint).  Errors name the directory when it is missing or incomplete.  A
+    vision-language directory (its config has a ``vision_config``) loads as an image-text-to-text
+    model; its image processor is loaded by ``fastgrpo.trainer.vision``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path) if path else WARMUP_DIR
@@ -64,6 +66,10 @@ def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None
                 attn_implementation = "flash_attention_2"
         except Exception:
             pass
+    from transformers import AutoConfig
+    if getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None:
+        # a vision-language model (fastgrpo.vl): the whole model, vision tower included
+        from transformers import AutoModelForImageTextToText as AutoModelForCausalLM  # noqa: N814
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
@@ -209,7 +215,7 @@ def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool =
     device = mb.input_ids.device
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
         hidden, weight = policy(mb.input_ids, mb.position_ids, cu_seqlens=mb.cu_seqlens,
-                                max_seqlen=mb.max_seqlen)
+                                max_seqlen=mb.max_seqlen, **mb.model_inputs)
     return hidden, weight.to(hidden.dtype)
 
 

@@ -68,12 +68,15 @@ def make_samples(tokenizer, prompt_ids: list[list[int]], group_size: int, comps:
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int = 1,
              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-             do_sample: bool = True, batch_size: int = 64, rows: list[int] | None = None) -> Rollout:
+             do_sample: bool = True, batch_size: int = 64, rows: list[int] | None = None,
+             prompt_inputs: list[dict] | None = None, vision=None) -> Rollout:
     """Sample ``group_size`` completions for each prompt (greedy when ``do_sample=False``).
 
     ``batch_size`` bounds the number of sequences decoded together (``batch_size // G`` prompts
     per batch, at least one); ``rows[i]`` (default ``i``) is the data row of prompt ``i``,
-    kept in each sample's ``row``.
+    kept in each sample's ``row``.  Vision-language prompts: ``prompt_inputs[i]`` (pixel
+    values...) and ``vision`` (a ``fastgrpo.vl.VisionAdapter``): the images enter the one prefill
+    of each prompt, whose KV cache its G samples share; each sample keeps its prompt's inputs.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -86,14 +89,20 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int =
     try:
         for s in range(0, len(prompt_ids), per_batch):
             c, lp = _decode(model, prompt_ids[s:s + per_batch], group_size, max_new_tokens,
-                            eos, pad, temperature if do_sample else None, top_p)
+                            eos, pad, temperature if do_sample else None, top_p,
+                            None if prompt_inputs is None else prompt_inputs[s:s + per_batch],
+                            vision)
             comps += c
             logps += lp
     finally:
         if was_training:
             model.train()
-    return make_samples(tokenizer, prompt_ids, group_size, comps, logps, rows,
-                        time.perf_counter() - t0)
+    ro = make_samples(tokenizer, prompt_ids, group_size, comps, logps, rows,
+                      time.perf_counter() - t0)
+    if prompt_inputs is not None:
+        for smp in ro.samples:
+            smp.prompt_inputs = prompt_inputs[smp.group]
+    return ro
 
 
 def _new_cache(model, capacity: int):
@@ -184,7 +193,8 @@ def _pick(logits: torch.Tensor, temperature: float | None, top_p: float):
 
 
 def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, eos: int,
-            pad: int, temperature: float | None, top_p: float):
+            pad: int, temperature: float | None, top_p: float, inputs: list[dict] | None = None,
+            vision=None):
     """Completions (untrimmed) and their log-probs for ``prompts``, G per prompt, in order."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -195,17 +205,24 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
         att[r, width - len(p):] = 1
     inp, att = inp.to(device), att.to(device)
     pos = (att.cumsum(-1) - 1).clamp(min=0)
+    extra = {}
+    if vision is not None:  # images in the prefill; mrope positions [3, B, W]
+        extra, pos = vision.prefill_inputs(model, prompts, inputs or [{}] * len(prompts), inp, att)
     padded = not bool(att.all())  # no padding: no mask at all (as model.generate does)
     cache, key = _new_cache(model, width + max_new_tokens), _cache_kwarg(model)
     out = model(input_ids=inp, attention_mask=att if padded else None, position_ids=pos,
-                use_cache=True, logits_to_keep=1, **{key: cache})
+                use_cache=True, logits_to_keep=1, **{key: cache}, **extra)
     logits = out.logits[:, -1].float()
+    ban = None if vision is None else torch.tensor(vision.banned_token_ids, device=device)
+    if ban is not None:  # image tokens are never sampled
+        logits[:, ban] = -float("inf")
     if group_size > 1:  # the prompt's cache, once per sample
         cache.batch_repeat_interleave(group_size)
         logits, att = logits.repeat_interleave(group_size, 0), att.repeat_interleave(group_size, 0)
     n = logits.shape[0]
     alive = torch.arange(n, device=device)           # batch row -> sequence
-    next_pos = pos[:, -1].repeat_interleave(group_size) + 1
+    last = pos[:, -1] if pos.dim() == 2 else pos.amax(dim=(0, 2))  # mrope: max over the prompt
+    next_pos = last.repeat_interleave(group_size) + 1
     toks = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     lps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
@@ -225,6 +242,8 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
                     position_ids=next_pos[:, None], use_cache=True, **{key: cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
+        if ban is not None:
+            logits[:, ban] = -float("inf")
     length = length.tolist()
     return ([row[:m] for row, m in zip(toks.tolist(), length)],
             [row[:m] for row, m in zip(lps.tolist(), length)])

@@ -100,6 +100,10 @@ def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = 72) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if "charts" in args_in and "--task" in args_in:  # the multimodal task (tasks/charts.py)
+        from fastgrpo.tasks.charts import sft_main
+        return sft_main(args_in)
     ap = argparse.ArgumentParser(prog="python -m fastgrpo.sft", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (model + tokenizer)")

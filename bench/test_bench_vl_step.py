@@ -1,0 +1,164 @@
+"""One vision-language StepGRPO training step at Qwen2-VL's real vocabulary (151,646): the
+fused loss against full logits.
+
+Model: a tiny random Qwen2-VL (text hidden 64, 2 layers; vision depth 2) with V = 151646 and an
+untied lm_head; one packed micro-batch of multimodal sequences (images of several sizes, ~400
+tokens; ``FASTGRPO_BENCH_VL="SEQS,V"`` overrides).  A step: vision tower + backbone forward ->
+loss -> backward -> clip -> AdamW step.
+
+* ``fused``: the trainer's ``fastgrpo.trainer.learn.optimize`` (hidden states -> ``grpo_loss``).
+* ``naive``: ``model(...).logits`` -> ``log_softmax`` -> gather -> the same objective.
+
+Peak memory: resident-set growth of one step over a warmed-up baseline (optimizer state
+allocated) in a fresh process on CPU (``python bench/test_bench_vl_step.py IMPL``), the
+allocator's peak on CUDA.  ``pytest bench/test_bench_vl_step.py -s`` prints the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import PEAK_ENV, rss_peak_extra
+
+RESULTS: dict[str, dict] = {}
+
+
+def _shape():
+    seqs, v = 8, 151646
+    if os.environ.get("FASTGRPO_BENCH_VL"):
+        seqs, v = map(int, os.environ["FASTGRPO_BENCH_VL"].split(","))
+    return seqs, v
+
+
+def _setup(device="cpu"):
+    from fastgrpo.tasks.tiny_vl import build_tiny_vl, random_image
+    from fastgrpo.tasks.tokenizer import encode_prompt
+    from fastgrpo.trainer.config import TrainConfig
+    from fastgrpo.trainer.learn import batch_logprobs
+    from fastgrpo.trainer.packing import pack_bins
+    from fastgrpo.trainer.sample import Sample
+    from fastgrpo.vl import VisionAdapter, attach_vision
+
+    seqs, v = _shape()
+    model, tok, ip = build_tiny_vl("qwen2_vl", vocab_size=v, tie_word_embeddings=False,
+                                   max_pixels=28 * 28 * 16)
+    model.to(device)
+    adapter = VisionAdapter(model.config, tok, ip)
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(seqs):
+        img = random_image(56 + 14 * (i % 4), 84 - 14 * (i % 3), seed=i)
+        ids, inp = adapter.encode("<image> What is shown ?", [img], encode_prompt)
+        comp = torch.randint(200, v, (32,), generator=g).tolist()
+        samples.append(Sample(prompt_ids=ids, completion_ids=comp, group=0, row=i,
+                              prompt_inputs=inp, advantage=1.0 if i % 2 else -1.0))
+    cfg = TrainConfig(beta=0.04, lr=1e-4, bf16=False)
+    out = []
+    for b in (list(range(seqs)), [0]):  # the batch, and a one-sequence warm-up batch
+        (mb,) = pack_bins([b], samples)
+        attach_vision([mb], samples, adapter, model)
+        mb = mb.to(device)
+        mb.extras["ref_logp"] = batch_logprobs(model, [mb], cfg)[0]
+        out.append([mb])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    return model, opt, out[0], out[1], cfg
+
+
+def _naive_step(model, opt, batches, cfg):
+    opt.zero_grad(set_to_none=True)
+    n_seq = sum(mb.num_sequences for mb in batches)
+    for mb in batches:
+        logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
+                       **mb.model_inputs).logits[0]
+        logp = torch.log_softmax(logits.float() / cfg.temperature, -1).gather(
+            1, mb.targets.clamp(min=0)[:, None])[:, 0]
+        mask = (mb.targets != -100).float()
+        ratio = torch.exp(logp - logp.detach())
+        adv = mb.advantages
+        obj = torch.min(ratio * adv, ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_low) * adv)
+        d = mb.extras["ref_logp"] - logp
+        per_tok = -obj + cfg.beta * (torch.exp(d) - d - 1)
+        seq = torch.repeat_interleave(torch.arange(mb.num_sequences, device=logp.device),
+                                      (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).long())
+        tok_sum = torch.zeros(mb.num_sequences, device=logp.device).index_add(0, seq, per_tok * mask)
+        count = torch.zeros(mb.num_sequences, device=logp.device).index_add(0, seq, mask)
+        loss = (tok_sum / count.clamp(min=1)).sum() / n_seq
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def _fused_step(model, opt, batches, cfg):
+    from fastgrpo.trainer.learn import optimize
+    return optimize(model, opt, batches, cfg)["loss"]
+
+
+STEPS = {"fused": _fused_step, "naive": _naive_step}
+
+
+def _peak_bytes(impl: str) -> int:
+    if torch.cuda.is_available():
+        model, opt, batches, warm, cfg = _setup("cuda")
+        STEPS[impl](model, opt, warm, cfg)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        STEPS[impl](model, opt, batches, cfg)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    out = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, **PEAK_ENV})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_vl_train_step(benchmark, impl):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, opt, batches, _, cfg = _setup(device)
+    peak = _peak_bytes(impl)
+
+    def run():
+        STEPS[impl](model, opt, batches, cfg)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=2, warmup_rounds=1)
+    _, v = _shape()
+    tokens = batches[0].num_tokens
+    info = dict(impl=impl, tokens=tokens, V=v, device=device, peak_extra_bytes=peak,
+                mean_s=benchmark.stats.stats.mean)
+    benchmark.extra_info.update(info)
+    RESULTS[impl] = info
+    print(f"\nVL {impl}: {tokens} tokens, V={v}: step {info['mean_s'] * 1e3:.1f} ms, "
+          f"peak extra memory {peak / 2 ** 20:.1f} MiB")
+
+
+def test_vl_ratio():
+    if set(RESULTS) != {"fused", "naive"}:
+        pytest.skip("needs both VL train-step benchmarks in this session")
+    f, nv = RESULTS["fused"], RESULTS["naive"]
+    print(f"\nVL naive / fused: peak extra memory x{nv['peak_extra_bytes'] / max(f['peak_extra_bytes'], 1):.1f}, "
+          f"step time x{nv['mean_s'] / f['mean_s']:.2f}")
+    assert nv["peak_extra_bytes"] > f["tokens"] * f["V"] * 4   # [N x V] fp32 logits at least
+    assert f["peak_extra_bytes"] < nv["peak_extra_bytes"]
+
+
+if __name__ == "__main__":  # peak-memory child: python bench/test_bench_vl_step.py IMPL
+    impl = sys.argv[1]
+    model, opt, batches, warm, cfg = _setup("cpu")
+    STEPS[impl](model, opt, warm, cfg)
+    t0 = time.perf_counter()
+    peak = rss_peak_extra(lambda: STEPS[impl](model, opt, batches, cfg))
+    print(json.dumps({"impl": impl, "seconds": time.perf_counter() - t0,
+                      "tokens": batches[0].num_tokens}), file=sys.stderr)
+    print(peak)
