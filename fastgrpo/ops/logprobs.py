@@ -15,7 +15,14 @@ Backward, for upstream gradients ``g_l`` (of logp) and ``g_e`` (of entropy)::
 Only ``lse`` and ``entropy`` ([N] float32 each) are saved for backward; the logits are
 recomputed block by block.  Both backends walk the ``[N x V]`` plane in blocks of at most
 ``_BLOCK_ELEMS`` elements (rows x vocabulary columns), so the workspace is fixed whatever N
-and V are.
+and V are.  That is the *two-pass* path: ``8 N D V`` FLOPs (four logits-sized GEMMs).
+
+The *one-pass* path (``linear_one_pass``, used by ``grpo_loss`` for objectives whose
+gradient per token follows from that token's log-prob and entropy) needs the upstream
+gradients while the block is still there: it walks blocks of rows x the whole vocabulary,
+computes the objective's ``g_l, g_e`` for those rows right after their statistics, turns the
+block into ``dL/dz`` in place and runs the two gradient GEMMs: ``6 N D V`` FLOPs, no
+recompute, the same fixed-size workspace.
 
 Backends
 --------
