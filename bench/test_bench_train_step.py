@@ -66,7 +66,8 @@ def _setup(device="cpu"):
 
 
 def _naive_logp(model, mb, cfg):
-    logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
+    logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
+                   **mb.model_inputs).logits[0]   # model_inputs: images, for VL models
     logp_all = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
     tgt = mb.targets.clamp(min=0)
     return logp_all.gather(1, tgt[:, None])[:, 0]

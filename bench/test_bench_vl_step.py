@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from conftest import PEAK_ENV, rss_peak_extra
+from test_bench_train_step import STEPS   # the same fused and naive steps as the text bench
 
 RESULTS: dict[str, dict] = {}
 
@@ -71,37 +72,6 @@ def _setup(device="cpu"):
     return model, opt, out[0], out[1], cfg
 
 
-def _naive_step(model, opt, batches, cfg):
-    opt.zero_grad(set_to_none=True)
-    n_seq = sum(mb.num_sequences for mb in batches)
-    for mb in batches:
-        logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
-                       **mb.model_inputs).logits[0]
-        logp = torch.log_softmax(logits.float() / cfg.temperature, -1).gather(
-            1, mb.targets.clamp(min=0)[:, None])[:, 0]
-        mask = (mb.targets != -100).float()
-        ratio = torch.exp(logp - logp.detach())
-        adv = mb.advantages
-        obj = torch.min(ratio * adv, ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_low) * adv)
-        d = mb.extras["ref_logp"] - logp
-        per_tok = -obj + cfg.beta * (torch.exp(d) - d - 1)
-        seq = torch.repeat_interleave(torch.arange(mb.num_sequences, device=logp.device),
-                                      (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).long())
-        tok_sum = torch.zeros(mb.num_sequences, device=logp.device).index_add(0, seq, per_tok * mask)
-        count = torch.zeros(mb.num_sequences, device=logp.device).index_add(0, seq, mask)
-        loss = (tok_sum / count.clamp(min=1)).sum() / n_seq
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    return loss.item()
-
-
-def _fused_step(model, opt, batches, cfg):
-    from fastgrpo.trainer.learn import optimize
-    return optimize(model, opt, batches, cfg)["loss"]
-
-
-STEPS = {"fused": _fused_step, "naive": _naive_step}
 
 
 def _peak_bytes(impl: str) -> int:
