@@ -42,14 +42,19 @@ Passing the whole batch's normalizer as ``num_items_in_batch`` makes the losses 
 micro-batches add up to the loss of the whole batch, so gradient accumulation gives the
 gradient of one big batch whatever the packing.
 
-Fusion.  One autograd function runs the log-prob kernel's forward (three floats per token
-saved, no logits), evaluates the objective above on the ``[N]`` vectors and differentiates it
-right there, so only ``dloss/dlogp`` and ``dloss/dentropy`` (``[N]`` each) are kept.  Its
-backward is the log-prob kernel's tiled recompute fed with those two vectors.  The
-per-token math is O(N) elementwise work: for N = 8192 about 30 small launches on ~32 KiB
-vectors, against ~4 x 10 TFLOP of matrix work at V = 152k, D = 4096; so it is written in plain
-torch rather than inside the Triton kernel's epilogue (sequence-level ratios, EGSW weights
-and batch normalizers need the whole forward first anyway).
+Fusion, two paths.  *Two-pass* (``_FusedGRPO``, any objective): the log-prob kernel's
+forward keeps three floats per token (no logits), the objective above is evaluated on the
+``[N]`` vectors and differentiated right there, so only ``dloss/dlogp`` and
+``dloss/dentropy`` (``[N]`` each) are kept; the backward is the kernel's tiled recompute fed
+with those two vectors (four logits-sized GEMMs in all).  *One-pass* (``_OnePassGRPO``, the
+CPU default) for ``token_local`` objectives, whose per-token gradient follows from that
+token's own log-prob and entropy (token-level ratio, clipping, dual clip, k3 KL, entropy bonus,
+fixed normalizers): ``linear_one_pass`` evaluates the objective restricted to each block's
+tokens as soon as their statistics exist and runs the gradient GEMMs on the block at once
+(three GEMMs, no recompute); the backward only scales the stored gradients.  Sequence-level
+ratios (GSPO), EGSW's group weights, the entropy quantile, the off-policy mask and VESPO's
+sequence weights need the whole forward first and keep the two-pass path.  The per-token math
+is O(N) elementwise work, written in plain torch rather than inside a kernel epilogue.
 """
 
 from __future__ import annotations
