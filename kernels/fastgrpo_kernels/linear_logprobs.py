@@ -57,9 +57,15 @@ Why this split
   at GEMM efficiency with a fixed workspace.
 * Computing gradients during the forward pass (as fused cross-entropy kernels do when the
   loss is a plain sum of per-token terms) is impossible in general here: the upstream
-  gradients ``g_l`` and ``g_e`` depend on the whole forward — sequence-level importance ratios
-  (GSPO), clipping decisions, batch-level token normalizers — so they are only known after
-  every row's log-prob exists.
+  gradients ``g_l`` and ``g_e`` depend on the whole forward for sequence-level importance
+  ratios (GSPO), EGSW's group weights or batch quantiles.  For token-local objectives
+  ``fastgrpo.ops.logprobs.linear_one_pass`` does it (the CPU default), but on a GPU it pays
+  only with large row blocks: its blocks are rows x the *whole* vocabulary, so ``dW`` ([V, D])
+  is read and written once per row block.  At N=8192, D=4096, V=151936 in bf16 a 256 MiB
+  budget allows ~220 rows (fp32 logits + exp + bf16 dz), i.e. 38 row blocks moving
+  38 x 2 x 2.5 GB = 190 GB of fp32 ``dW`` accumulator traffic (~44 ms at 4.3 TB/s) against
+  ~39 ms for the three GEMMs themselves; the two-pass path writes each ``dW`` slice once.
+  ``bench/gpu_check.py`` measures both when a GPU is lent.
 
 Measurement on a GPU is still to be done: this module was written and tested on a CPU-only
 machine (Triton interpreter for numerics, ``triton.compile`` for sm_80 / sm_90 to check that
