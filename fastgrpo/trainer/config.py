@@ -28,6 +28,8 @@ __all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "expl
 DP_STRATEGIES = ("auto", "ddp", "fsdp")
 LORA_TARGET = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 REPORT_TO = ("none", "tensorboard")
+TASKS = ("arithmetic", "routing")
+ROLLOUT_MODES = ("offline", "online")
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,9 @@ def _f(default, help, **kw):
 class TrainConfig:
     # model and data
     model: str = _f("", "Hugging Face causal LM directory (default: the shipped warm-up checkpoint)")
+    task: str = _f("arithmetic", "the task: arithmetic (StepGRPO, the built-in word problems or a prompt/answer/"
+                                 "key_steps JSONL) | routing (R1-Router's Step-GRPO: step states with a "
+                                 "step_type each, or multi-turn retrieval with --rollout-mode online)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
     eval_file: str = _f("", "held-out JSONL for greedy eval; default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
@@ -69,6 +74,16 @@ class TrainConfig:
                                  "policy loss x min(exp(logp_trainer - logp_engine), --rollout-is-cap), "
                                  "and the mismatch logged: auto (on for vllm) | on | off")
     rollout_is_cap: float = _f(2.0, "cap of the truncated importance weight (>= 1)")
+    rollout_mode: str = _f("offline", "--task routing: offline (each step state its own prompt and group) | "
+                                      "online (multi-turn rollouts: <ret>KB</ret> is searched in the "
+                                      "knowledge bases and the results appended as tool tokens, masked "
+                                      "out of the loss)")
+    max_turns: int = _f(8, "--rollout-mode online: most policy steps (retrieval or answer) in one rollout")
+    kb_dir: str = _f("", "--task routing: directory of knowledge bases NAME.sqlite (python -m fastgrpo.kb "
+                         "build); default: the built-in task's, built in a temporary directory")
+    kb_top_k: int = _f(3, "--rollout-mode online: passages a search returns")
+    similarity_model: str = _f("", "--task routing: local sentence-embedding model directory for the "
+                                   "sub-question similarity (never downloaded); default: lexical cosine")
     vllm_gpu_memory_utilization: float = _f(0.3, "--rollout vllm: fraction of GPU memory for vLLM (weights + KV cache)")
     # optimisation
     lr: float = _f(3e-4, "peak learning rate (AdamW)")
@@ -150,6 +165,15 @@ class TrainConfig:
                 dev = None
             if dev is None or dev.type not in ("cpu", "cuda", "mps"):
                 bad("device", "choose auto, cpu, cuda, cuda:N or mps")
+        if self.task not in TASKS:
+            bad("task", f"choose one of {', '.join(TASKS)}")
+        if self.rollout_mode not in ROLLOUT_MODES:
+            bad("rollout_mode", f"choose one of {', '.join(ROLLOUT_MODES)}")
+        if self.rollout_mode == "online" and self.task != "routing":
+            bad("rollout_mode", "multi-turn tool rollouts need --task routing")
+        for n in ("max_turns", "kb_top_k"):
+            if getattr(self, n) < 1:
+                bad(n, "must be >= 1")
         if self.report_to not in REPORT_TO:
             bad("report_to", f"choose one of {', '.join(REPORT_TO)} (wandb is not supported yet)")
         if self.report_to == "tensorboard":

@@ -83,6 +83,7 @@ from fastgrpo.trainer.prompts import PromptOrder
 from fastgrpo.trainer.rollout import Rollout, generate
 from fastgrpo.trainer.engines import make_engine
 from fastgrpo.trainer.sample import Sample
+from fastgrpo.trainer.tasks import Task, get_task
 
 __all__ = ["main", "run", "optimize", "compute_advantages", "batch_logprobs", "evaluate",
            "build_reward_set", "load_data", "lr_at", "run_identity", "TrainingInterrupted"]
@@ -213,6 +214,7 @@ class _Run:
     prompt_cache: dict = field(default_factory=dict)
     run_id: str = ""                       # the run identity its checkpoints record
     engine: object = None                  # the rollout engine (engines.py)
+    task: Task = field(default_factory=Task)  # --task: data, rewards, eval, stage hooks (tasks.py)
 
     @property
     def main(self) -> bool:
@@ -227,8 +229,8 @@ class _Run:
         with gather_for_generation(self.policy):
             if not self.evaluator:
                 return {}
-            return evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
-                            self.cfg, self.encode)
+            return self.task.evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
+                                      self.cfg, self.encode)
 
     def checkpoint(self, done: int, data_state: dict, rng_states: list[dict], **more) -> Path | None:
         extra = {"data": data_state, "config": dataclasses.asdict(self.cfg),
@@ -296,7 +298,9 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     preset = None
     if cfg.preset:
         cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
-    train_rows, eval_rows = load_data(cfg)
+    task = get_task(cfg)
+    cfg = task.configure(cfg)
+    train_rows, eval_rows = task.load_data(cfg)
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)
         model, tokenizer = load_model(cfg.model or None, device=device, attn_implementation=backend)
@@ -326,10 +330,12 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     # greedy eval: rank 0 alone, except under FSDP2 where every rank runs it (forwards of
     # sharded modules must stay in step across ranks)
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
-    return _Run(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
-                build_reward_set(cfg, layout), train_rows, eval_rows, encode,
-                PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
-                engine=make_engine(cfg, model, tokenizer, device, info.world_size))
+    r = _Run(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
+             task.reward_set(cfg, layout), train_rows, eval_rows, encode,
+             PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
+             engine=make_engine(cfg, model, tokenizer, device, info.world_size), task=task)
+    task.bind(r)
+    return r
 
 
 def _resume(r: _Run) -> dict:
@@ -447,6 +453,8 @@ def _preflight(r: _Run) -> None:
 def _rollout(r: _Run, step: int) -> Rollout:
     """G samples for each of this step's prompts from the rollout engine (``--rollout``); this
     rank generates whole groups only."""
+    if r.task.rollout is not None:  # e.g. multi-turn tool rollouts (--rollout-mode online)
+        return r.task.rollout(r, step)
     cfg = r.cfg
     idx = r.prompts.take(cfg.prompts_per_step)
     mine = [idx[g] for g in dist_.groups_for_rank(len(idx), r.info.rank, r.info.world_size)]
@@ -487,6 +495,8 @@ def _importance_weights(r: _Run, batches: list[MicroBatch], kept: list[Sample]) 
 
 def _score(r: _Run, samples: list[Sample]) -> RewardResult:
     """The reward set on every sample (local: groups are whole)."""
+    if r.task.score is not None:
+        return r.task.score(r, samples)
     rows = [s.row for s in samples]
     res = r.reward_set([r.train_rows[i]["prompt"] for i in rows], [s.text for s in samples],
                        **_columns(r.train_rows, rows))
@@ -497,6 +507,8 @@ def _score(r: _Run, samples: list[Sample]) -> RewardResult:
 
 def _advantages(r: _Run, samples: list[Sample], rewards: list[float]) -> list[Sample]:
     """Group advantages; returns the samples that enter the loss."""
+    if r.task.advantages is not None:  # e.g. per-step rewards -> per-token advantages
+        return r.task.advantages(r, samples, rewards)
     adv, keep = compute_advantages(rewards, r.cfg.group_size, r.cfg)
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
@@ -574,9 +586,8 @@ def _step_metrics(r: _Run, step: int, g: _Gathered, lm: dict, batches: list[Micr
     for name, s in g.rewards.stats().items():
         m[f"rewards/{name}/mean"] = s["mean"] if s["count"] else 0.0
         m[f"rewards/{name}/std"] = s["std"] if s["count"] > 1 else 0.0
-    m["accuracy"] = m["rewards/accuracy/mean"]
-    m["step_k"] = m["rewards/step_k/mean"]
-    m["validity"] = m["rewards/step_rvr/mean"]
+    for key, name in r.task.metric_aliases.items():  # accuracy, step_k, validity (arithmetic)
+        m[key] = m.get(f"rewards/{name}/mean", 0.0)
     train_tokens = sum(s.num_tokens for s in g.kept) * r.cfg.ppo_epochs
     m.update({
         "kl": lm["kl"], "clip_ratio/low": lm["clip_ratio/low_mean"],
@@ -608,8 +619,7 @@ def _train_steps(r: _Run, signals: "_Signals") -> dict:
     if r.before is None:
         r.before = r.evaluate()
         if r.main:
-            print(f"eval before: accuracy {r.before['accuracy']:.3f}  validity "
-                  f"{r.before['validity']:.3f}", file=sys.stderr)
+            print(f"eval before: {r.task.eval_line(r.before)}", file=sys.stderr)
     log = RunLog(r.out_dir, r.start, r.main, total=cfg.steps, report_to=cfg.report_to,
                  stdout=not cfg.progress)
     progress = Progress(cfg.steps, cfg.progress and r.main, initial=r.start)
@@ -706,9 +716,8 @@ def _watch_collapse(r: _Run, progress: Progress, g: _Gathered, step: int,
 def _evaluate_during(r: _Run, m: dict, progress: Progress, step: int) -> None:
     ev = r.evaluate()
     if r.main:
-        m["eval/accuracy"], m["eval/validity"] = ev["accuracy"], ev["validity"]
-        progress.write(f"step {step + 1}: eval accuracy {ev['accuracy']:.3f}  "
-                       f"validity {ev['validity']:.3f}")
+        m.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
+        progress.write(f"step {step + 1}: eval {r.task.eval_line(ev)}")
 
 
 def _stop_if_signalled(r: _Run, signals: _Signals, step: int, saved: Path | None) -> None:
@@ -771,9 +780,7 @@ def _finish(r: _Run, history: list[dict]) -> dict:
         else:
             r.model.save_pretrained(r.out_dir / "model", **({} if full_sd is None else {"state_dict": full_sd}))
         r.tokenizer.save_pretrained(r.out_dir / "model")
-    print(f"held-out greedy ({len(r.eval_rows)} problems)   accuracy   validity\n"
-          f"  before StepGRPO                {before['accuracy']:8.3f}   {before['validity']:8.3f}\n"
-          f"  after  StepGRPO                {after['accuracy']:8.3f}   {after['validity']:8.3f}\n"
+    print(f"{r.task.report(before, after, len(r.eval_rows))}\n"
           f"({summary['seconds']} s, outputs in {r.out_dir})")
     return summary
 
@@ -788,13 +795,15 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
     _check_device(cfg.device)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = dist_.init_distributed(device=None if cfg.device == "auto" else cfg.device)
-    lock = None
+    lock = r = None
     try:
         lock = _claim_out_dir(cfg, info)
         r = _setup(cfg, model, tokenizer, info)
         _preflight(r)
         return _train(r)
     finally:
+        if r is not None:
+            r.task.close()
         if lock is not None:
             lock.release()
         if owns_group:
