@@ -203,6 +203,9 @@ class RoutingTask(Task):
 
     def configure(self, cfg: TrainConfig) -> TrainConfig:
         from fastgrpo.tasks.routing import ROUTING_WARMUP_DIR
+        if cfg.rewards:
+            raise ConfigError(f"invalid --rewards {cfg.rewards!r}: --task routing's reward is R1-Router's "
+                              f"step_type reward; add functions to it with --reward module:function[=weight]")
         explicit = explicit_fields(cfg)
         defaults = dict(ROUTING_DEFAULTS, **(ONLINE_DEFAULTS if self.online else {}))
         for k, v in defaults.items():
