@@ -145,3 +145,15 @@ def test_sft_bad_task_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sft_main(["--task", "maths", "--out", str(tmp_path)])
     assert e.value.code == 2 and "error: invalid --task 'maths'" in capsys.readouterr().err
+
+
+def test_default_model_is_the_shipped_warmup(tmp_path):
+    from fastgrpo.tasks.routing import ROUTING_WARMUP_DIR
+    assert (ROUTING_WARMUP_DIR / "model.safetensors").stat().st_size < 4_000_000  # a few MB at most
+    out = tmp_path / "run"
+    main(["--task", "routing", "--out-dir", str(out), "--eval-size", "10", *TINY[:2], "--prompts-per-step", "1",
+          *TINY[4:], "--max-new-tokens", "40"])
+    s = _summary(out)
+    assert s["eval_before"]["routing_accuracy"] >= 0.5  # the warm-up routes (the first 10 eval step states)
+    cfg = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert cfg["step"] == 1
