@@ -29,6 +29,10 @@ Robustness and scale (all off or automatic by default):
   on CUDA; ``--dp-strategy``).  Each rank generates whole prompt groups; the kept samples are
   gathered and length-balanced over the ranks; the loss is normalised over the global batch,
   so K processes compute the same update as one process given the same rollouts.
+* ``--task routing`` (``tasks.py``): R1-Router's Step-GRPO -- offline step states, or with
+  ``--rollout-mode online`` multi-turn rollouts against the knowledge bases (``multiturn.py``);
+  the task supplies the data, rewards and held-out eval and may replace the rollout, score and
+  advantage stages (one hook call at the top of each).
 * ``--attn-implementation`` picks the packed-row attention backend; ``--preset`` loads a named
   model + hyper-parameter set (``fastgrpo.trainer.presets``), explicit options still win.
 
