@@ -44,7 +44,10 @@ from typing import Iterable
 from ..kb import Hit, KnowledgeBase, build_kb
 
 __all__ = ["KBS", "TOP_K", "Person", "City", "World", "Step", "Question", "make_world", "world_documents", "build_kbs",
-           "make_questions", "teacher_trajectory", "step_rows", "make_splits", "write_task", "main"]
+           "make_questions", "teacher_trajectory", "step_rows", "make_splits", "write_task", "main",
+           "ROUTING_WARMUP_DIR", "ONLINE_INSTRUCTIONS", "retrieve_completion", "answer_completion",
+           "teacher_completion", "online_row", "online_splits", "tool_text", "online_teacher_segments",
+           "routing_corpus", "build_routing_tokenizer"]
 
 KBS = ("text", "table")
 TOP_K = 3
@@ -60,6 +63,18 @@ RETRIEVE_INSTRUCTIONS = (
     "When no more information is needed, write none as the sub-question and as the KB."
 )
 ANSWER_INSTRUCTIONS = "Answer the question from the information above, in the format <think>...</think><answer>...</answer>."
+# the online form: one prompt per question; the policy writes every step, the search results
+# are appended (tool tokens) after each <ret>KB</ret> with a real KB
+ONLINE_INSTRUCTIONS = (
+    RETRIEVE_INSTRUCTIONS + " The search results follow in <result>...</result>; then answer the "
+    "sub-question as <think>...</think><answer>...</answer> and write the next step. After the "
+    "step with none, write the final answer of the origin question the same way."
+)
+# the warm-up checkpoint of this task (python -m fastgrpo.sft --task routing)
+ROUTING_WARMUP_DIR = Path(__file__).resolve().parent / "assets" / "routing_warmup"
+THINK_RETRIEVE = "I need one more fact."
+THINK_STOP = "I have all I need."
+THINK_ANSWER = "It is in the information above."
 
 
 @dataclass(frozen=True)
@@ -249,6 +264,103 @@ def _write_jsonl(rows: Iterable[dict], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# teacher completions (the warm-up targets), the online form, the tokenizer
+
+
+def retrieve_completion(query: str, kb: str) -> str:
+    """A retrieval step as the teacher writes it."""
+    think = THINK_STOP if kb == "none" else THINK_RETRIEVE
+    return f"<think>{think}</think><sub-question>{query}</sub-question><ret>{kb}</ret>"
+
+
+def answer_completion(answer: str) -> str:
+    """An answer step as the teacher writes it."""
+    return f"<think>{THINK_ANSWER}</think><answer>{answer}</answer>"
+
+
+def _noisy_kb(kb: str, rng: random.Random | None, kb_noise: float) -> str:
+    """The warm-up data's habit: a table lookup sent to the text KB with probability ``kb_noise``."""
+    return "text" if kb == "table" and rng is not None and rng.random() < kb_noise else kb
+
+
+def teacher_completion(row: dict, rng: random.Random | None = None, kb_noise: float = 0.0) -> str:
+    """The warm-up target of an offline step row; with probability ``kb_noise`` a ``table``
+    step names ``text`` instead (imperfect warm-up data that Step-GRPO's KB term corrects)."""
+    if row["step_type"] == "retrieve":
+        return retrieve_completion(row["reference_query"], _noisy_kb(row["reference_kb"], rng, kb_noise))
+    return answer_completion(row["answer"])
+
+
+def online_row(q: Question) -> dict:
+    """The online form's row of ``q``: the prompt and the teacher's hops (for the step rewards)."""
+    return {"prompt": f"{ONLINE_INSTRUCTIONS}\n\nOrigin question: {q.question}\n", "question_id": q.id,
+            "question": q.question, "answer": q.answer, "kbs": list(KBS),
+            "hops": [{"query": h.query, "kb": h.kb, "doc_id": h.doc_id, "answer": h.answer} for h in q.hops]}
+
+
+def online_splits(seed: int = 0, n_eval: int = 30, **world_kw) -> tuple[list[dict], list[dict]]:
+    """``(train, eval)`` online rows: the same questions and split as :func:`make_splits`."""
+    world = make_world(seed, **world_kw)
+    qs = make_questions(world)
+    if not 0 <= n_eval < len(qs):
+        raise ValueError(f"n_eval must be in [0, {len(qs)}), got {n_eval}")
+    random.Random(f"routing-split-{seed}").shuffle(qs)
+    rows = [online_row(q) for q in qs]
+    return rows[n_eval:], rows[:n_eval]
+
+
+def tool_text(hits: list[Hit] | None, kb: str) -> str:
+    """The tool output appended after a ``<ret>KB</ret>`` call (``hits`` None: unknown KB)."""
+    if hits is None:
+        body = f"no knowledge base named {kb}"
+    else:
+        body = _passages(hits) if hits else "nothing found"
+    return f"\n<result>\n{body}\n</result>\n"
+
+
+def online_teacher_segments(row: dict, kbs: dict[str, KnowledgeBase], k: int = TOP_K,
+                            rng: random.Random | None = None, kb_noise: float = 0.0) -> list[tuple[str, str]]:
+    """The teacher's online trajectory as ``[(\"policy\" | \"tool\", text), ...]``.  With
+    probability ``kb_noise`` a table hop first asks the text KB, reads its (useless) results,
+    answers ``unknown`` and then asks the table KB: the detour Step-GRPO learns to skip."""
+    segs: list[tuple[str, str]] = []
+
+    def hop(query: str, kb: str, answer: str) -> None:
+        segs.append(("policy", retrieve_completion(query, kb)))
+        segs.append(("tool", tool_text(kbs[kb].search(query, k=k), kb)))
+        segs.append(("policy", answer_completion(answer)))
+
+    for h in row["hops"]:
+        if _noisy_kb(h["kb"], rng, kb_noise) != h["kb"]:
+            hop(h["query"], "text", "unknown")
+        hop(h["query"], h["kb"], h["answer"])
+    segs.append(("policy", retrieve_completion("none", "none")))
+    segs.append(("policy", answer_completion(row["answer"])))
+    return segs
+
+
+def routing_corpus(seed: int = 0) -> list[str]:
+    """Texts whose words make the routing task's tokenizer vocabulary (prompts, KB documents,
+    teacher steps, tool outputs)."""
+    world = make_world(seed)
+    train, eval_ = make_splits(seed)
+    docs = world_documents(world)
+    texts = [r["prompt"] for r in train + eval_] + [ONLINE_INSTRUCTIONS, tool_text([], "x"), tool_text(None, "x")]
+    texts += [teacher_completion(r) for r in train + eval_] + [retrieve_completion("q", kb) for kb in KBS + ("none",)]
+    texts += [d["text"] for d in docs["text"]] + [f"city: {d['city']}; country: {d['country']}; population: {d['population']}" for d in docs["table"]]
+    texts += [answer_completion("unknown"), " unknown", " ".join(KBS), "none", " none"]
+    return texts
+
+
+def build_routing_tokenizer(seed: int = 0):
+    """The built-in task's word-level tokenizer (``tasks.tokenizer``) extended to the routing
+    world's words."""
+    from .tokenizer import build_tokenizer
+
+    return build_tokenizer(routing_corpus(seed))
 
 
 def write_task(out_dir: str | Path, seed: int = 0, n_eval: int = 30) -> dict[str, Path]:

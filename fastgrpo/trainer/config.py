@@ -32,6 +32,8 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 # --report-to target -> (module that must be importable, how to install it)
 REPORT_NEEDS = {"tensorboard": ("tensorboard", "pip install tensorboard"),
                 "wandb": ("wandb", "pip install 'fastgrpo[wandb]'")}
+TASKS = ("arithmetic", "routing", "charts")
+ROLLOUT_MODES = ("offline", "online")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,10 @@ def _f(default, help, **kw):
 class TrainConfig:
     # model and data
     model: str = _f("", "Hugging Face causal LM directory (default: the shipped warm-up checkpoint)")
+    task: str = _f("arithmetic", "the task: arithmetic (StepGRPO, the built-in word problems or a prompt/answer/"
+                                 "key_steps JSONL) | routing (R1-Router's Step-GRPO: step states with a "
+                                 "step_type each, or multi-turn retrieval with --rollout-mode online) | "
+                                 "charts (Pillow bar charts for a vision-language --model)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
     eval_file: str = _f("", "held-out JSONL for greedy eval; default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
@@ -78,6 +84,16 @@ class TrainConfig:
                                  "policy loss x min(exp(logp_trainer - logp_engine), --rollout-is-cap), "
                                  "and the mismatch logged: auto (on for vllm) | on | off")
     rollout_is_cap: float = _f(2.0, "cap of the truncated importance weight (>= 1)")
+    rollout_mode: str = _f("offline", "--task routing: offline (each step state its own prompt and group) | "
+                                      "online (multi-turn rollouts: <ret>KB</ret> is searched in the "
+                                      "knowledge bases and the results appended as tool tokens, masked "
+                                      "out of the loss)")
+    max_turns: int = _f(8, "--rollout-mode online: most policy steps (retrieval or answer) in one rollout")
+    kb_dir: str = _f("", "--task routing: directory of knowledge bases NAME.sqlite (python -m fastgrpo.kb "
+                         "build); default: the built-in task's, built in a temporary directory")
+    kb_top_k: int = _f(3, "--rollout-mode online: passages a search returns")
+    similarity_model: str = _f("", "--task routing: local sentence-embedding model directory for the "
+                                   "sub-question similarity (never downloaded); default: lexical cosine")
     vllm_gpu_memory_utilization: float = _f(0.3, "--rollout vllm: fraction of GPU memory for vLLM (weights + KV cache)")
     # optimisation
     lr: float = _f(3e-4, "peak learning rate (AdamW)")
@@ -147,8 +163,6 @@ class TrainConfig:
                          "given explicitly (flags or --config file) (fastgrpo.trainer.presets.PRESETS lists them)")
     dp_strategy: str = _f("auto", "data parallelism under torchrun: auto (FSDP2 on CUDA, DDP on CPU) | ddp | fsdp")
     # vision-language models (fastgrpo.vl): rows with `image` (a path or a list, relative to the JSONL)
-    task: str = _f("", "built-in task when no --train-file: arithmetic (default; the shipped text "
-                       "warm-up model) | charts (Pillow bar charts for a vision-language --model)")
     freeze_vision: bool = _f(False, "vision-language model: freeze the vision tower and projector "
                                     "(train the language model only; default: all trainable, as R1-VL)")
     min_pixels: int = _f(0, "vision-language model: smallest image area in pixels after resizing "
@@ -171,6 +185,15 @@ class TrainConfig:
                 dev = None
             if dev is None or dev.type not in ("cpu", "cuda", "mps"):
                 bad("device", "choose auto, cpu, cuda, cuda:N or mps")
+        if self.task not in TASKS:
+            bad("task", f"choose one of {', '.join(TASKS)}")
+        if self.rollout_mode not in ROLLOUT_MODES:
+            bad("rollout_mode", f"choose one of {', '.join(ROLLOUT_MODES)}")
+        if self.rollout_mode == "online" and self.task != "routing":
+            bad("rollout_mode", "multi-turn tool rollouts need --task routing")
+        for n in ("max_turns", "kb_top_k"):
+            if getattr(self, n) < 1:
+                bad(n, "must be >= 1")
         names = [x.strip() for x in self.report_to.split(",")]
         if any(x not in REPORT_TO for x in names) or ("none" in names and len(names) > 1):
             bad("report_to", f"choose none or a comma-separated list of {', '.join(REPORT_TO[1:])}")
@@ -217,8 +240,6 @@ class TrainConfig:
             bad("importance_sampling_level", f"choose one of {', '.join(IS_LEVELS)}")
         if self.backend not in BACKENDS:
             bad("backend", f"choose one of {', '.join(BACKENDS)}")
-        if self.task not in ("", "arithmetic", "charts"):
-            bad("task", "choose arithmetic or charts")
         for n in ("min_pixels", "max_pixels"):
             if getattr(self, n) < 0:
                 bad(n, "must be >= 0 (0: the model's own setting)")

@@ -29,6 +29,10 @@ Robustness and scale (all off or automatic by default):
   on CUDA; ``--dp-strategy``).  Each rank generates whole prompt groups; the kept samples are
   gathered and length-balanced over the ranks; the loss is normalised over the global batch,
   so K processes compute the same update as one process given the same rollouts.
+* ``--task routing`` (``tasks.py``): R1-Router's Step-GRPO -- offline step states, or with
+  ``--rollout-mode online`` multi-turn rollouts against the knowledge bases (``multiturn.py``);
+  the task supplies the data, rewards and held-out eval and may replace the rollout, score and
+  advantage stages (one hook call at the top of each).
 * ``--attn-implementation`` picks the packed-row attention backend; ``--preset`` loads a named
   model + hyper-parameter set (``fastgrpo.trainer.presets``), explicit options still win.
 
@@ -84,6 +88,7 @@ from fastgrpo.trainer.prompts import PromptOrder
 from fastgrpo.trainer.rollout import Rollout, generate
 from fastgrpo.trainer.engines import make_engine
 from fastgrpo.trainer.sample import Sample
+from fastgrpo.trainer.tasks import Task, get_task
 
 __all__ = ["main", "run", "optimize", "compute_advantages", "batch_logprobs", "evaluate",
            "build_reward_set", "load_data", "lr_at", "run_identity", "TrainingInterrupted"]
@@ -224,6 +229,7 @@ class _Run:
     run_id: str = ""                       # the run identity its checkpoints record
     engine: object = None                  # the rollout engine (engines.py)
     vision: object = None                  # vision-language hooks (trainer/vision.py), or None
+    task: Task = field(default_factory=Task)  # --task: data, rewards, eval, stage hooks (tasks.py)
 
     @property
     def main(self) -> bool:
@@ -242,8 +248,8 @@ class _Run:
         with gather_for_generation(self.policy):
             if not self.evaluator:
                 return {}
-            return evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
-                            self.cfg, self.encode, self.vision)
+            return self.task.evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
+                                      self.cfg, self.encode, self.vision)
 
     def checkpoint(self, done: int, data_state: dict, rng_states: list[dict], **more) -> Path | None:
         extra = {"data": data_state, "config": dataclasses.asdict(self.cfg),
@@ -313,13 +319,15 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     preset = None
     if cfg.preset:
         cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
-    train_rows, eval_rows = load_data(cfg)
+    task = get_task(cfg)
+    cfg = task.configure(cfg)
     if model is None and cfg.task == "charts" and not cfg.model:
         from fastgrpo.tasks.charts import CHARTS_WARMUP_DIR
         if not (CHARTS_WARMUP_DIR / "config.json").is_file():
             raise ConfigError("--task charts: no shipped warm-up model; give --model DIR (e.g. "
                               "the output of python -m fastgrpo.sft --task charts --out DIR)")
         cfg = dataclasses.replace(cfg, model=str(CHARTS_WARMUP_DIR))
+    train_rows, eval_rows = task.load_data(cfg)
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)
         model, tokenizer = load_model(cfg.model or None, device=device, attn_implementation=backend)
@@ -353,10 +361,13 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     # greedy eval: rank 0 alone, except under FSDP2 where every rank runs it (forwards of
     # sharded modules must stay in step across ranks)
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
-    return _Run(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
-                build_reward_set(cfg, layout), train_rows, eval_rows, encode,
-                PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
-                engine=make_engine(cfg, model, tokenizer, device, info.world_size), vision=vision)
+    r = _Run(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
+             task.reward_set(cfg, layout), train_rows, eval_rows, encode,
+             PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
+             engine=make_engine(cfg, model, tokenizer, device, info.world_size), vision=vision,
+             task=task)
+    task.bind(r)
+    return r
 
 
 def _resume(r: _Run) -> dict:
@@ -475,6 +486,8 @@ def _preflight(r: _Run) -> None:
 def _rollout(r: _Run, step: int) -> Rollout:
     """G samples for each of this step's prompts from the rollout engine (``--rollout``); this
     rank generates whole groups only."""
+    if r.task.rollout is not None:  # e.g. multi-turn tool rollouts (--rollout-mode online)
+        return r.task.rollout(r, step)
     cfg = r.cfg
     idx = r.prompts.take(cfg.prompts_per_step)
     mine = [idx[g] for g in dist_.groups_for_rank(len(idx), r.info.rank, r.info.world_size)]
@@ -517,6 +530,8 @@ def _importance_weights(r: _Run, batches: list[MicroBatch], kept: list[Sample]) 
 
 def _score(r: _Run, samples: list[Sample]) -> RewardResult:
     """The reward set on every sample (local: groups are whole)."""
+    if r.task.score is not None:
+        return r.task.score(r, samples)
     rows = [s.row for s in samples]
     res = r.reward_set([r.train_rows[i]["prompt"] for i in rows], [s.text for s in samples],
                        **_columns(r.train_rows, rows))
@@ -527,6 +542,8 @@ def _score(r: _Run, samples: list[Sample]) -> RewardResult:
 
 def _advantages(r: _Run, samples: list[Sample], rewards: list[float]) -> list[Sample]:
     """Group advantages; returns the samples that enter the loss."""
+    if r.task.advantages is not None:  # e.g. per-step rewards -> per-token advantages
+        return r.task.advantages(r, samples, rewards)
     adv, keep = compute_advantages(rewards, r.cfg.group_size, r.cfg)
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
@@ -607,9 +624,8 @@ def _step_metrics(r: _Run, step: int, g: _Gathered, lm: dict, batches: list[Micr
     for name, s in g.rewards.stats().items():
         m[f"rewards/{name}/mean"] = s["mean"] if s["count"] else 0.0
         m[f"rewards/{name}/std"] = s["std"] if s["count"] > 1 else 0.0
-    m["accuracy"] = m["rewards/accuracy/mean"]
-    m["step_k"] = m["rewards/step_k/mean"]
-    m["validity"] = m["rewards/step_rvr/mean"]
+    for key, name in r.task.metric_aliases.items():  # accuracy, step_k, validity (arithmetic)
+        m[key] = m.get(f"rewards/{name}/mean", 0.0)
     train_tokens = sum(s.num_tokens for s in g.kept) * r.cfg.ppo_epochs
     m.update({
         "kl": lm["kl"], "clip_ratio/low": lm["clip_ratio/low_mean"],
@@ -641,8 +657,7 @@ def _train_steps(r: _Run, signals: "_Signals") -> dict:
     if r.before is None:
         r.before = r.evaluate()
         if r.main:
-            print(f"eval before: accuracy {r.before['accuracy']:.3f}  validity "
-                  f"{r.before['validity']:.3f}", file=sys.stderr)
+            print(f"eval before: {r.task.eval_line(r.before)}", file=sys.stderr)
     log = RunLog(r.out_dir, r.start, r.main, total=cfg.steps, report_to=cfg.report_to,
                  stdout=not cfg.progress, config=dataclasses.asdict(cfg))
     progress = Progress(cfg.steps, cfg.progress and r.main, initial=r.start)
@@ -744,9 +759,8 @@ def _watch_collapse(r: _Run, progress: Progress, g: _Gathered, step: int,
 def _evaluate_during(r: _Run, m: dict, progress: Progress, step: int) -> None:
     ev = r.evaluate()
     if r.main:
-        m["eval/accuracy"], m["eval/validity"] = ev["accuracy"], ev["validity"]
-        progress.write(f"step {step + 1}: eval accuracy {ev['accuracy']:.3f}  "
-                       f"validity {ev['validity']:.3f}")
+        m.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
+        progress.write(f"step {step + 1}: eval {r.task.eval_line(ev)}")
 
 
 def _stop_if_signalled(r: _Run, signals: _Signals, step: int, saved: Path | None) -> None:
@@ -811,9 +825,7 @@ def _finish(r: _Run, history: list[dict]) -> dict:
         r.tokenizer.save_pretrained(r.out_dir / "model")
         if r.vision is not None:
             r.vision.save(r.out_dir / "model")
-    print(f"held-out greedy ({len(r.eval_rows)} problems)   accuracy   validity\n"
-          f"  before StepGRPO                {before['accuracy']:8.3f}   {before['validity']:8.3f}\n"
-          f"  after  StepGRPO                {after['accuracy']:8.3f}   {after['validity']:8.3f}\n"
+    print(f"{r.task.report(before, after, len(r.eval_rows))}\n"
           f"({summary['seconds']} s, outputs in {r.out_dir})")
     return summary
 
@@ -828,13 +840,15 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
     _check_device(cfg.device)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = dist_.init_distributed(device=None if cfg.device == "auto" else cfg.device)
-    lock = None
+    lock = r = None
     try:
         lock = _claim_out_dir(cfg, info)
         r = _setup(cfg, model, tokenizer, info)
         _preflight(r)
         return _train(r)
     finally:
+        if r is not None:
+            r.task.close()
         if lock is not None:
             lock.release()
         if owns_group:

@@ -56,6 +56,17 @@ def sft(model, tokenizer, rows, *, steps: int, batch_size: int = 32, lr: float =
     """Completion-only SFT; returns the loss of every step.  ``skip_double_prob``: see
     ``fastgrpo.tasks.arithmetic.warmup_solution`` (each training row's target is drawn once)."""
     prompts, comps = _encode_rows(tokenizer, rows, skip_double_prob, seed)
+    return sft_sequences(model, prompts, comps, steps=steps, batch_size=batch_size, lr=lr,
+                         warmup=warmup, seed=seed, micro_batch_tokens=micro_batch_tokens,
+                         log_every=log_every, log=log)
+
+
+def sft_sequences(model, prompts: list[list[int]], comps: list[list[int]], *, steps: int,
+                  loss_masks: list[list[bool] | None] | None = None, batch_size: int = 32,
+                  lr: float = 3e-3, warmup: int = 10, seed: int = 0, micro_batch_tokens: int = 768,
+                  log_every: int = 20, log=print) -> list[float]:
+    """Completion-only SFT on token ids; ``loss_masks[i]`` (one bool per completion token)
+    leaves tokens the model is not to learn (tool outputs) out of the loss."""
     rng = random.Random(seed)
     order: list[int] = []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -66,12 +77,13 @@ def sft(model, tokenizer, rows, *, steps: int, batch_size: int = 32, lr: float =
     losses = []
     for step in range(steps):
         if len(order) < batch_size:
-            more = list(range(len(rows)))
+            more = list(range(len(prompts)))
             rng.shuffle(more)
             order += more
         idx, order = order[:batch_size], order[batch_size:]
         batches = pack_sequences([prompts[i] for i in idx], [comps[i] for i in idx], None,
-                                 max_tokens=micro_batch_tokens)
+                                 max_tokens=micro_batch_tokens,
+                                 loss_masks=None if loss_masks is None else [loss_masks[i] for i in idx])
         n_tok = sum(mb.num_loss_tokens for mb in batches)
         opt.zero_grad(set_to_none=True)
         loss = 0.0
@@ -101,11 +113,22 @@ def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = 72) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args_in = sys.argv[1:] if argv is None else list(argv)
-    if "charts" in args_in and "--task" in args_in:  # the multimodal task (tasks/charts.py)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="arithmetic")
+    known, _ = pre.parse_known_args(args_in)
+    if known.task == "routing":
+        from fastgrpo.trainer.routing_sft import main as routing_main
+        return routing_main(args_in)
+    if known.task == "charts":  # the multimodal task (tasks/charts.py)
         from fastgrpo.tasks.charts import sft_main
         return sft_main(args_in)
+    if known.task != "arithmetic":
+        print(f"error: invalid --task {known.task!r}: choose arithmetic, routing or charts",
+              file=sys.stderr)
+        raise SystemExit(2)
     ap = argparse.ArgumentParser(prog="python -m fastgrpo.sft", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--task", default="arithmetic", help="arithmetic | routing (fastgrpo.trainer.routing_sft) | charts (fastgrpo.tasks.charts)")
     ap.add_argument("--out", required=True, help="output directory (model + tokenizer)")
     ap.add_argument("--seed", type=int, default=0, help="seed for data, init and order")
     ap.add_argument("--steps", type=int, default=500, help="optimizer steps")
