@@ -148,7 +148,8 @@ class TrainConfig:
     dp_strategy: str = _f("auto", "data parallelism under torchrun: auto (FSDP2 on CUDA, DDP on CPU) | ddp | fsdp")
     # vision-language models (fastgrpo.vl): rows with `image` (a path or a list, relative to the JSONL)
     task: str = _f("", "built-in task when no --train-file: arithmetic (default; the shipped text "
-                       "warm-up model) | charts (Pillow bar charts for a vision-language --model)")
+                       "warm-up model) | charts (Pillow bar charts; the shipped tiny Qwen2-VL "
+                       "warm-up unless --model)")
     freeze_vision: bool = _f(False, "vision-language model: freeze the vision tower and projector "
                                     "(train the language model only; default: all trainable, as R1-VL)")
     min_pixels: int = _f(0, "vision-language model: smallest image area in pixels after resizing "

@@ -34,7 +34,9 @@ Robustness and scale (all off or automatic by default):
 
 Defaults: the shipped warm-up checkpoint (``fastgrpo/tasks/assets/warmup``) on the built-in
 arithmetic task; runs on a 2-core CPU in a few minutes and prints held-out greedy accuracy and
-validity before and after.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one strict JSON line
+validity before and after.  ``--task charts``: the shipped tiny Qwen2-VL chart warm-up
+(``fastgrpo/tasks/assets/charts_warmup``) with ``fastgrpo.tasks.charts.CHARTS_TRAIN_DEFAULTS``
+for the options not given explicitly.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one strict JSON line
 per step, NaN/inf as null; stdout gets a short human line under ``--no-progress``),
 ``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
 
@@ -315,11 +317,13 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
         cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
     train_rows, eval_rows = load_data(cfg)
     if model is None and cfg.task == "charts" and not cfg.model:
-        from fastgrpo.tasks.charts import CHARTS_WARMUP_DIR
+        from fastgrpo.tasks.charts import CHARTS_TRAIN_DEFAULTS, CHARTS_WARMUP_DIR
         if not (CHARTS_WARMUP_DIR / "config.json").is_file():
             raise ConfigError("--task charts: no shipped warm-up model; give --model DIR (e.g. "
                               "the output of python -m fastgrpo.sft --task charts --out DIR)")
-        cfg = dataclasses.replace(cfg, model=str(CHARTS_WARMUP_DIR))
+        # the chart task's tuned defaults (README, "The built-in chart task"), unless set explicitly
+        tuned = {k: v for k, v in CHARTS_TRAIN_DEFAULTS.items() if k not in explicit_fields(cfg)}
+        cfg = dataclasses.replace(cfg, model=str(CHARTS_WARMUP_DIR), **tuned)
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)
         model, tokenizer = load_model(cfg.model or None, device=device, attn_implementation=backend)
