@@ -259,7 +259,7 @@ def sft_main(argv: list[str] | None = None) -> None:
             logp = fused_logprobs(hidden, weight, mb.targets)
             loss = -(logp * (mb.targets != -100)).sum() / n_tok
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
