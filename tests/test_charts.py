@@ -49,3 +49,26 @@ def test_task_charts_runs_one_step(tmp_path):
           "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--eval-size",
           "2", "--no-plot", "--no-progress", "--device", "cpu", "--no-mask-truncated"])
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def test_shipped_warmup_reads_the_bars():
+    """The shipped chart warm-up (fastgrpo/tasks/assets/charts_warmup) reads held-out bars far
+    above chance (1/9): measured 1.00 on all 100 held-out charts, final answer 0.81."""
+    from fastgrpo.tasks.charts import CHARTS_WARMUP_DIR, evaluate_charts
+    from fastgrpo.trainer.policy import load_model
+    from fastgrpo.vl import VisionAdapter, load_image_processor
+    model, tok = load_model(str(CHARTS_WARMUP_DIR), device="cpu")
+    adapter = VisionAdapter(model.config, tok, load_image_processor(CHARTS_WARMUP_DIR))
+    _, ev = make_splits(0)
+    res = evaluate_charts(model.eval(), tok, adapter, ev[:12])
+    assert res["bar_reading"] >= 0.9 and res["accuracy"] >= 0.5, res
+
+
+def test_task_charts_defaults_to_the_shipped_warmup(tmp_path):
+    from fastgrpo.trainer.loop import main
+    out = tmp_path / "run"
+    main(["--task", "charts", "--out-dir", str(out), "--steps", "1", "--prompts-per-step", "2",
+          "--group-size", "2", "--eval-size", "4", "--no-plot", "--no-progress", "--device", "cpu"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["eval_before"]["accuracy"] >= 0.5
+    assert (out / "model" / "preprocessor_config.json").is_file()

@@ -58,7 +58,7 @@ class TrainConfig:
     task: str = _f("arithmetic", "the task: arithmetic (StepGRPO, the built-in word problems or a prompt/answer/"
                                  "key_steps JSONL) | routing (R1-Router's Step-GRPO: step states with a "
                                  "step_type each, or multi-turn retrieval with --rollout-mode online) | "
-                                 "charts (Pillow bar charts for a vision-language --model)")
+                                 "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
     eval_file: str = _f("", "held-out JSONL for greedy eval; default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")

@@ -38,7 +38,9 @@ Robustness and scale (all off or automatic by default):
 
 Defaults: the shipped warm-up checkpoint (``fastgrpo/tasks/assets/warmup``) on the built-in
 arithmetic task; runs on a 2-core CPU in a few minutes and prints held-out greedy accuracy and
-validity before and after.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one strict JSON line
+validity before and after.  ``--task charts``: the shipped tiny Qwen2-VL chart warm-up
+(``fastgrpo/tasks/assets/charts_warmup``) with ``fastgrpo.tasks.charts.CHARTS_TRAIN_DEFAULTS``
+for the options not given explicitly.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one strict JSON line
 per step, NaN/inf as null; stdout gets a short human line under ``--no-progress``),
 ``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
 
@@ -321,12 +323,6 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
         cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
     task = get_task(cfg)
     cfg = task.configure(cfg)
-    if model is None and cfg.task == "charts" and not cfg.model:
-        from fastgrpo.tasks.charts import CHARTS_WARMUP_DIR
-        if not (CHARTS_WARMUP_DIR / "config.json").is_file():
-            raise ConfigError("--task charts: no shipped warm-up model; give --model DIR (e.g. "
-                              "the output of python -m fastgrpo.sft --task charts --out DIR)")
-        cfg = dataclasses.replace(cfg, model=str(CHARTS_WARMUP_DIR))
     train_rows, eval_rows = task.load_data(cfg)
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)

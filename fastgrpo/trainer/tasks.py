@@ -32,7 +32,7 @@ from fastgrpo.rewards import RewardSet
 from fastgrpo.tasks.data import DataError
 from fastgrpo.trainer.config import ConfigError, TrainConfig, explicit_fields
 
-__all__ = ["Task", "ArithmeticTask", "RoutingTask", "get_task", "load_step_rows", "load_question_rows",
+__all__ = ["Task", "ArithmeticTask", "ChartsTask", "RoutingTask", "get_task", "load_step_rows", "load_question_rows",
            "ROUTING_DEFAULTS"]
 
 # options the routing task runs with unless given explicitly (prompts are ~3x longer than the
@@ -81,6 +81,29 @@ class Task:
 
 
 ArithmeticTask = Task
+
+
+class ChartsTask(Task):
+    """The built-in multimodal task (``fastgrpo.tasks.charts``): the loop's own data (chart
+    images in the rows), rewards in R1-VL's multimodal layout and evaluation; without
+    ``--model`` the shipped tiny Qwen2-VL warm-up and its tuned defaults
+    (``CHARTS_TRAIN_DEFAULTS``), except options given explicitly."""
+
+    name = "charts"
+
+    def configure(self, cfg: TrainConfig) -> TrainConfig:
+        from fastgrpo.tasks.charts import CHARTS_TRAIN_DEFAULTS, CHARTS_WARMUP_DIR
+        if cfg.model:
+            return cfg
+        if not (CHARTS_WARMUP_DIR / "config.json").is_file():
+            raise ConfigError("--task charts: no shipped warm-up model; give --model DIR (e.g. "
+                              "the output of python -m fastgrpo.sft --task charts --out DIR)")
+        explicit = explicit_fields(cfg)
+        for k, v in CHARTS_TRAIN_DEFAULTS.items():
+            if k not in explicit:
+                setattr(cfg, k, v)
+        cfg.model = str(CHARTS_WARMUP_DIR)
+        return cfg
 
 
 def _fmt(x) -> str:
@@ -373,4 +396,6 @@ TASKS = ("arithmetic", "routing")
 def get_task(cfg: TrainConfig) -> Task:
     if cfg.task == "routing":
         return RoutingTask(online=cfg.rollout_mode == "online")
+    if cfg.task == "charts":
+        return ChartsTask()
     return Task()
