@@ -33,6 +33,7 @@ def small_blocks(monkeypatch):
     """5 rows x the vocabulary per block, elementwise slices of 2 rows: every batch here spans
     several blocks, ragged at the end."""
     monkeypatch.setattr(lp_mod, "_ONE_PASS_ELEMS", 5 * V)
+    monkeypatch.setattr(lp_mod, "_ONE_PASS_MIN_ROWS", 1)
     monkeypatch.setattr(lp_mod, "_SLICE_ELEMS", 2 * V)
 
 

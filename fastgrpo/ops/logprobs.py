@@ -52,12 +52,15 @@ __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backwar
 _BLOCK_ELEMS = 1 << 22
 _BLOCK_ELEMS_CUDA = 1 << 24
 # One-pass path: a block is a set of rows times the *whole* vocabulary (the log-sum-exp must be
-# final before dz exists).  16M elements = 64 MiB of fp32 logits, the block being overwritten by
-# its own dz; rows are processed in slices of about _SLICE_ELEMS for the elementwise work, so
-# the temporaries stay L3-sized (8 MiB each: measured 1.08x the GEMM floor against 1.10x at
-# 2 MiB and 1.35x at 32 MiB, 1024 x 256 x 32768 on this 2-core EPYC).
-_ONE_PASS_ELEMS = 1 << 24
-_SLICE_ELEMS = 1 << 21
+# final before dz exists), overwritten by its own dz; 4M elements (16 MiB of fp32 logits) but at
+# least 128 rows, since dW is read and written once per block.  The elementwise work runs on
+# slices of ~_SLICE_ELEMS so its temporaries stay in cache.  Measured on this 2-core EPYC (one
+# thread, fresh process): 1024x256x32768 69 MiB peak extra (177 MiB with 16M-element blocks and
+# 2M-element slices, at the same speed), 4096x512x65536 204 MiB (281), 2048x1024x151936
+# 754 MiB (744; 594 of it is dW itself).
+_ONE_PASS_ELEMS = 1 << 22
+_ONE_PASS_MIN_ROWS = 128
+_SLICE_ELEMS = 1 << 19
 # CUDA: whole blocks at once (slices would be thousands of tiny launches); 32M elements = 128 MiB
 # of fp32 logits plus the same for exp() and half that for the bf16 dz.
 _ONE_PASS_ELEMS_CUDA = 1 << 25
@@ -343,7 +346,8 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
     """
     n, v = h.shape[0], w.shape[0]
     dev = h.device
-    rows = max(1, min(n, (_ONE_PASS_ELEMS_CUDA if h.is_cuda else _ONE_PASS_ELEMS) // v))
+    budget = _ONE_PASS_ELEMS_CUDA if h.is_cuda else _ONE_PASS_ELEMS
+    rows = max(1, min(n, max(_ONE_PASS_MIN_ROWS, budget // v)))
     step = rows if h.is_cuda else max(1, min(rows, _SLICE_ELEMS // v))
     clamp = _needs_clamp(w)
     cd, gd = _compute_dtype(h), _grad_dtype(h)
