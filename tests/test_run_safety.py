@@ -299,12 +299,13 @@ def test_first_signal_checkpoints_and_exits_with_resume_hint(tmp_path, capsys, s
                      f"    if not SENT:\n        SENT.append(1)\n        os.kill(os.getpid(), {int(sig)})\n"
                      "    return [0.0] * len(completions)\n")
     out = tmp_path / "o"
+    before = signal.getsignal(sig)  # SIG_IGN where the test runner was started in the background
     code, _, err = _main(capsys, "--out-dir", str(out), "--steps", "3", "--reward", f"{f}:kill=0")
     assert code == code_, err
     assert "stopped after step 1 of 3" in err and "--resume auto" in err
     assert [s for s, _ in list_checkpoints(out)] == [1]
     assert not (out / "model").exists()
-    assert signal.getsignal(sig) is not None and signal.getsignal(sig) != signal.SIG_IGN
+    assert signal.getsignal(sig) == before   # the run restored the handler it found
     code, _, err = _main(capsys, "--out-dir", str(out), "--steps", "3", "--reward", f"{f}:kill=0",
                          "--resume", "auto")
     assert code == 0, err
