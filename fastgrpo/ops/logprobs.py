@@ -337,8 +337,8 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
     the entropy).  Each block of rows x the whole vocabulary is computed once: logits,
     log-sum-exp, log-prob, entropy, the objective's gradient, ``dz`` (in the logits' buffer),
     then ``dh[rows] = dz @ w`` and ``dw += dz.T @ h[rows]``: three logits-sized GEMMs in all,
-    no recompute.  Workspace: one ``[rows, V]`` float32 block (``_ONE_PASS_ELEMS``) plus
-    cache-sized slices; ``dw`` accumulates in float32 (an extra ``[V, D]`` float32 buffer
+    no recompute.  Workspace: one ``[rows, V]`` float32 block (``_ONE_PASS_ELEMS``, at least
+    ``_ONE_PASS_MIN_ROWS`` rows) plus cache-sized slices; ``dw`` accumulates in float32 (an extra ``[V, D]`` float32 buffer
     only when ``w`` is not float32).
 
     Returns ``(logp, ent, dh, dw)``: float32 ``[N]``, ``[N]``, and the gradients of
