@@ -103,9 +103,12 @@ def _fused_step(model, opt, batches, cfg):
 STEPS = {"fused": _fused_step, "naive": _naive_step}
 
 
-def _peak_bytes(impl: str) -> int:
+def peak_bytes(impl: str, setup=None, script: str = __file__) -> int:
+    """Peak extra memory of one training step of ``impl``: the allocator's peak over a
+    warmed-up step on CUDA; on CPU, ``python SCRIPT IMPL`` in a fresh process prints it."""
+    setup = setup or _setup
     if torch.cuda.is_available():
-        model, opt, batches, warm, cfg = _setup("cuda")
+        model, opt, batches, warm, cfg = setup("cuda")
         STEPS[impl](model, opt, warm, cfg)  # optimizer state allocated
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -113,7 +116,7 @@ def _peak_bytes(impl: str) -> int:
         STEPS[impl](model, opt, batches, cfg)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    out = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, script, impl], capture_output=True, text=True,
                          timeout=900, env={**os.environ, **PEAK_ENV})
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -125,7 +128,7 @@ def test_train_step(benchmark, impl):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, opt, batches, _, cfg = _setup(device)
     step = STEPS[impl]
-    peak = _peak_bytes(impl)
+    peak = peak_bytes(impl)
 
     def run():
         step(model, opt, batches, cfg)

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import PEAK_ENV, rss_peak_extra
-from test_bench_train_step import STEPS   # the same fused and naive steps as the text bench
+from conftest import rss_peak_extra
+from test_bench_train_step import STEPS, peak_bytes   # the text bench's steps and peak
 
 RESULTS: dict[str, dict] = {}
 
@@ -74,28 +73,11 @@ def _setup(device="cpu"):
 
 
 
-def _peak_bytes(impl: str) -> int:
-    if torch.cuda.is_available():
-        model, opt, batches, warm, cfg = _setup("cuda")
-        STEPS[impl](model, opt, warm, cfg)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        STEPS[impl](model, opt, batches, cfg)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    out = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True,
-                         timeout=900, env={**os.environ, **PEAK_ENV})
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return int(out.stdout.split()[-1])
-
-
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 def test_vl_train_step(benchmark, impl):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, opt, batches, _, cfg = _setup(device)
-    peak = _peak_bytes(impl)
+    peak = peak_bytes(impl, _setup, __file__)
 
     def run():
         STEPS[impl](model, opt, batches, cfg)

@@ -14,9 +14,6 @@ samples), global normalizer, DDP gradient sync.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from safetensors.torch import load_file
 
 from fastgrpo.tasks.data import write_jsonl
 from fastgrpo.tasks.tiny_vl import save_tiny_vl
+from test_train_distributed import _free_port, _run   # the same torchrun harness as the text test
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"gen_tokens_per_s", "train_tokens_per_s", "gen_seconds", "train_seconds", "peak_mem_mb"}
@@ -98,22 +96,6 @@ def _args(root: Path) -> list[str]:
             "--lr", "1e-3", "--warmup-steps", "0", "--device", "cpu", "--threads", "1",
             "--no-drop-zero-std-groups", "--no-mask-truncated", "--no-plot", "--no-progress",
             "--save-every", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from fastgrpo.kb import KnowledgeBase
 from fastgrpo.tasks import routing as T
 from fastgrpo.tasks.tiny_model import build_tiny_model
 from fastgrpo.tasks.tokenizer import encode_prompt
-from fastgrpo.trainer.sft import sft_sequences
+from fastgrpo.trainer.sft import check_args, sft_sequences
 
 __all__ = ["routing_warmup_data", "main"]
 
@@ -109,14 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-size", type=int, default=30, help="held-out questions for the final greedy eval (0: none)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 keeps torch's default)")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "hidden_size", "layers", "heads"):
-        if getattr(args, name) < 1:
-            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    for name in ("eval_size", "threads"):
-        if getattr(args, name) < 0:
-            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        ap.error(f"invalid --lr {args.lr}: must be a finite number > 0")
+    check_args(ap, args)
     if not 0.0 <= args.kb_noise <= 1.0:
         ap.error(f"invalid --kb-noise {args.kb_noise}: must be in [0, 1]")
     if args.threads > 0:

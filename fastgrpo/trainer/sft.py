@@ -111,6 +111,19 @@ def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = 72) -> float:
     return sum(answer_correct(t, r["answer"]) for t, r in zip(ro.texts, rows)) / max(1, len(rows))
 
 
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """The warm-up options every task's SFT shares: sizes >= 1, counts >= 0, a positive lr
+    (``ap.error``: exit code 2 naming the option)."""
+    for name in ("steps", "batch_size", "hidden_size", "layers", "heads"):
+        if getattr(args, name) < 1:
+            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    for name in ("eval_size", "threads"):
+        if getattr(args, name) < 0:
+            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"invalid --lr {args.lr}: must be a finite number > 0")
+
+
 def main(argv: list[str] | None = None) -> None:
     args_in = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -143,14 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for the tiny model; 0 keeps torch's default)")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "hidden_size", "layers", "heads"):
-        if getattr(args, name) < 1:
-            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    for name in ("eval_size", "threads"):
-        if getattr(args, name) < 0:
-            ap.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        ap.error(f"invalid --lr {args.lr}: must be a finite number > 0")
+    check_args(ap, args)
     if not 0.0 <= args.skip_double_prob <= 1.0:
         ap.error(f"--skip-double-prob must be in [0, 1], got {args.skip_double_prob}")
 

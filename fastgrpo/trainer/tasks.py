@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from fastgrpo.rewards import RewardSet
-from fastgrpo.tasks.data import DataError
+from fastgrpo.tasks.data import DataError, read_jsonl
 from fastgrpo.trainer.config import ConfigError, TrainConfig, explicit_fields
 
 __all__ = ["Task", "ArithmeticTask", "ChartsTask", "RoutingTask", "get_task", "load_step_rows", "load_question_rows",
@@ -110,34 +110,6 @@ def _fmt(x) -> str:
     return "   nan" if x is None or not math.isfinite(x) else f"{x:6.3f}"
 
 
-def _read_jsonl(path: str) -> list[tuple[str, dict]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {str(p)!r}")
-    out = []
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not UTF-8 text; JSONL files must be UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("prompt"), str):
-                raise DataError(f"{where}: field 'prompt' must be a string, got {json.dumps(row.get('prompt'))}")
-            out.append((where, row))
-    if not out:
-        raise DataError(f"data file is empty: {str(p)!r}")
-    return out
-
-
 def _kbs(where: str, row: dict, default) -> list[str]:
     kbs = row.get("kbs", default)
     if kbs is None:
@@ -159,7 +131,7 @@ def load_step_rows(path: str, kbs: list[str] | None = None) -> list[dict]:
     """Offline step-state rows from JSONL; errors name the file, line and field."""
     from fastgrpo.rewards.retrieval import STEP_TYPES
     rows = []
-    for where, row in _read_jsonl(path):
+    for where, row in read_jsonl(path, required=()):
         st = row.get("step_type")
         if st not in STEP_TYPES:
             raise DataError(f"{where}: field 'step_type' must be one of {', '.join(STEP_TYPES)}, got {json.dumps(st)}")
@@ -178,7 +150,7 @@ def load_question_rows(path: str, kbs: list[str] | None = None) -> list[dict]:
     """Online question rows from JSONL: ``prompt``, ``answer``, ``hops`` (the teacher's steps,
     ``[{"query", "kb", "answer"}]``; may be empty) and optionally ``kbs``."""
     rows = []
-    for where, row in _read_jsonl(path):
+    for where, row in read_jsonl(path, required=()):
         row["answer"] = _answer(where, row.get("answer"))
         hops = row.get("hops", [])
         if not isinstance(hops, list) or not all(
