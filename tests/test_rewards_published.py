@@ -292,9 +292,12 @@ def test_step_rvr_agrees_with_published_code():
     for text, _, _, _ in _cases(seed, N_RVR):
         ref = _ref_validity_reward([[{"role": "assistant", "content": text}]])[0]
         got = R.published_step_rvr_reward(None, [text])[0]
+        # the code form of step_rvr_reward is the published rule too, with either R1-VL layout
+        layout = R.R1VL_MULTIMODAL_LAYOUT if len(bad) % 2 else R.R1VL_LAYOUT
+        code_form = R.step_rvr_reward(None, [text], form="code", layout=layout)[0]
         valid += ref == 1.0
-        if got != ref:
-            bad.append((text, ref, got))
+        if got != ref or code_form != ref:
+            bad.append((text, ref, got, code_form))
     assert not bad, f"seed {seed}: {len(bad)}/{N_RVR} disagree; first: {bad[0]!r}"
     # the mutations reach both outcomes
     assert 0.1 * N_RVR < valid < 0.9 * N_RVR, (seed, valid)
@@ -310,9 +313,11 @@ def test_step_rar_agrees_with_published_code():
         mine_ks = {"Steps": ks} if as_dict else ks
         comp = [{"role": "assistant", "content": text}] if as_dict else text
         got = R.published_step_rar_reward(None, [comp], [ref_answer], [mine_ks])[0]
+        # fastgrpo's code form without soft matching is the published function
+        code_form = R.step_rar_reward(None, [comp], [ref_answer], [mine_ks], form="code", soft=False)[0]
         values.add(expected)
-        if got != expected:  # exact float equality: the same operations in the same order
-            bad.append((text, ref_answer, ks, expected, got))
+        if got != expected or code_form != expected:  # exact float equality: the same operations in the same order
+            bad.append((text, ref_answer, ks, expected, got, code_form))
     assert not bad, f"seed {seed}: {len(bad)}/{N_RAR} disagree; first: {bad[0]!r}"
     # correct and wrong answers, with and without the key-step bonus
     assert {0.0, 1.0, 1.1} <= values and any(0 < v < 0.1 for v in values) and any(1 < v < 1.1 for v in values), (seed, values)
@@ -327,11 +332,27 @@ def test_generated_cases_are_where_fastgrpo_defaults_differ():
     n = 300
     for text, ref_answer, ks, _ in _cases(seed, n):
         pub = R.published_step_rar_reward(None, [text], [ref_answer], [ks])[0]
-        ours = R.step_rar_reward(None, [text], [ref_answer], [ks], form="code", soft=False, layout=layout)[0]
+        # the code form on fastgrpo's parser, soft matching (the default)
+        ours = R.step_rar_reward(None, [text], [ref_answer], [ks], form="code", layout=layout)[0]
         rar += pub != pytest.approx(ours)
         rvr += R.published_step_rvr_reward(None, [text])[0] != R.step_rvr_reward(None, [text], layout=layout)[0]
     # measured: ~30% of StepRAR values and ~5% of StepRVR values differ
     assert rar > 0.1 * n and rvr > 0.01 * n, (seed, rar, rvr)
+
+
+def test_published_form_needs_an_r1vl_layout():
+    with pytest.raises(ValueError, match="not an R1-VL layout"):
+        R.step_rar_reward(None, ["x"], ["1"], [[["a"]]], form="code", soft=False, layout=R.TAG_LAYOUT)
+    with pytest.raises(ValueError, match="not an R1-VL layout"):
+        R.step_rvr_reward(None, ["x"], form="code", layout=R.TAG_LAYOUT)
+    with pytest.raises(ValueError, match="form"):
+        R.step_rvr_reward(None, ["x"], form="nope")
+    # the published reward set: both functions in their published form
+    rs = R.default_reward_set(R.R1VL_MULTIMODAL_LAYOUT, form="code", soft=False)
+    text = FULL.rsplit("\n### The final answer is:", 1)[0]  # no answer header
+    res = rs(None, [text], answer=["17"], key_steps=[KS])
+    assert res.per_function["step_rar"] == [pytest.approx(pub_rar(text))]
+    assert res.per_function["step_rvr"] == [pub_rvr(text)] == [0.0]
 
 
 # ---------------------------------------------------------------------------
@@ -367,8 +388,9 @@ def test_hand_worked_no_answer_header():
     # no header: math-verify reads the whole completion, whose last expression "12 + 5 = 17" gives 17
     text = FULL.rsplit("\n### The final answer is:", 1)[0]
     assert pub_rar(text) == pytest.approx(1 + 0.1 * 2 / 3)
-    # fastgrpo's code form on its parser: no answer -> only the bonus
-    assert R.step_rar_reward(None, [text], ["17"], [KS], form="code", soft=False) == [pytest.approx(0.1 * 2 / 3)]
+    # fastgrpo's code form on its parser: no answer -> only the bonus; the published form (soft=False) agrees
+    assert R.step_rar_reward(None, [text], ["17"], [KS], form="code") == [pytest.approx(0.1 * 2 / 3)]
+    assert R.step_rar_reward(None, [text], ["17"], [KS], form="code", soft=False) == [pytest.approx(1 + 0.1 * 2 / 3)]
     assert pub_rvr(text) == 0.0  # incomplete
 
 
@@ -378,8 +400,9 @@ def test_hand_worked_case_sensitive_headers():
     # test would compare the whole text; math-verify still finds 17 -> correct: 1 + 0.1/3
     text = FULL.replace("### Step 2:", "### step 2:").replace("The final answer is:", "THE FINAL ANSWER IS:")
     assert pub_rar(text) == pytest.approx(1 + 0.1 / 3)
-    # fastgrpo's code form, strict, on its case-insensitive parser finds both steps: 1 + 0.1 * 2/3
-    assert R.step_rar_reward(None, [text], ["17"], [KS], form="code", soft=False) == [pytest.approx(1 + 0.1 * 2 / 3)]
+    # fastgrpo's code form on its case-insensitive parser finds both steps: 1 + 0.1 * 2/3
+    assert R.step_rar_reward(None, [text], ["17"], [KS], form="code") == [pytest.approx(1 + 0.1 * 2 / 3)]
+    assert R.step_rar_reward(None, [text], ["17"], [KS], form="code", soft=False) == [pytest.approx(1 + 0.1 / 3)]
     # complete? "### The final answer is:" is missing -> 0
     assert pub_rvr(text) == 0.0
     # fastgrpo's default reads both headers: 2 steps, an answer

@@ -17,10 +17,12 @@ contains the answer accuracy:
 * :func:`step_rar_reward` -- paper form (default): ``1 + alpha*k`` if the final
   answer is correct, ``alpha*k`` if an answer is present but wrong, ``0``
   without an answer; code form (``form="code"``): ``1[correct] + alpha*k``.
-  Both read fastgrpo's parser; :mod:`.published` has StepRAR and StepRVR
-  exactly as R1-VL's published code computes them (builtins ``step_rar_code``,
+  The paper form and the soft code form read fastgrpo's parser; ``form="code",
+  soft=False`` is StepRAR exactly as R1-VL's published code computes it
+  (:mod:`.published`, every rule documented there; builtin ``step_rar_code``).
+* :func:`step_rvr_reward` -- ``1`` if complete and logical, else ``0``;
+  ``form="code"``: exactly R1-VL's published ``validity_reward`` (builtin
   ``step_rvr_code``).
-* :func:`step_rvr_reward` -- ``1`` if complete and logical, else ``0``.
 * :func:`accuracy_reward` -- ``1[correct]`` (for logging; already in StepRAR).
 * :func:`step_k` -- the matched key-step fraction ``k`` (for logging).
 
@@ -115,6 +117,15 @@ def _check_form(form: str) -> None:
         raise ValueError(f"unknown StepRAR form {form!r}; choose one of {FORMS}")
 
 
+def _check_published_layout(layout: Layout) -> None:
+    """The published code reads R1-VL's literal ``###`` headers, whatever the layout says."""
+    from .layout import R1VL_MULTIMODAL_LAYOUT
+
+    if layout not in (R1VL_LAYOUT, R1VL_MULTIMODAL_LAYOUT):
+        raise ValueError(f"the published-code form reads R1-VL's '###' headers only; layout "
+                         f"{layout.name!r} is not an R1-VL layout (use the paper form, or soft=True)")
+
+
 # ---------------------------------------------------------------------------
 # accuracy
 
@@ -170,11 +181,21 @@ def step_rar_reward(
     * ``form="paper"``: ``1 + alpha*k`` correct, ``alpha*k`` wrong answer,
       ``0`` no answer.
     * ``form="code"``: ``1[correct] + alpha*k`` (bonus even without answer).
+    * ``form="code", soft=False``: R1-VL's published ``accuracy_reward`` rule for
+      rule (:func:`~fastgrpo.rewards.published.published_step_rar_reward`:
+      case-sensitive literal headers, step bodies up to the next ``\n###``, a
+      plain substring test, math-verify on the whole completion, then an exact
+      match of the first answer line); ``layout`` must be an R1-VL layout.
 
     ``None`` only for a sample without a reference ``answer`` (the column
     missing, or ``None`` for that sample).
     """
     _check_form(form)
+    if form == "code" and not soft:
+        from .published import published_step_rar_reward
+
+        _check_published_layout(layout)
+        return published_step_rar_reward(prompts, completions, answer, key_steps, alpha=alpha)
     n = len(completions)
     out: list[float | None] = []
     for i in range(n):
@@ -262,9 +283,23 @@ def step_rvr_reward(
     completions: Sequence,
     *,
     layout: Layout = R1VL_LAYOUT,
+    form: str = "paper",
     **kwargs: Any,
 ) -> list[float | None]:
-    """StepRVR: 1.0 if the completion is complete and logical, else 0.0."""
+    """StepRVR: 1.0 if the completion is complete and logical, else 0.0.
+
+    ``form="paper"``: completeness and logic on fastgrpo's parser (:func:`step_validity`).
+    ``form="code"``: R1-VL's published ``validity_reward`` rule for rule
+    (:func:`~fastgrpo.rewards.published.published_valid`: the four literal headers,
+    the description included, anywhere in the text; steps numbered 1..n; the first
+    answer header after the last step header); ``layout`` must be an R1-VL layout.
+    """
+    _check_form(form)
+    if form == "code":
+        from .published import published_step_rvr_reward
+
+        _check_published_layout(layout)
+        return published_step_rvr_reward(prompts, completions)
     out: list[float | None] = []
     for c in completions:
         complete, logical = step_validity(parse(completion_text(c), layout), layout)
@@ -309,9 +344,11 @@ def make_step_rar_reward(
     return _named(step_rar, name, step_rar_reward)
 
 
-def make_step_rvr_reward(*, layout: Layout = R1VL_LAYOUT, name: str = "step_rvr"):
+def make_step_rvr_reward(*, layout: Layout = R1VL_LAYOUT, form: str = "paper", name: str = "step_rvr"):
+    _check_form(form)
+
     def step_rvr(prompts, completions, **kwargs):
-        return step_rvr_reward(prompts, completions, layout=layout, **kwargs)
+        return step_rvr_reward(prompts, completions, layout=layout, form=form, **kwargs)
 
     return _named(step_rvr, name, step_rvr_reward)
 

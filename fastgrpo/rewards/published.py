@@ -11,6 +11,9 @@ must score completions as the published run did:
 * :func:`published_step_rar_reward` -- ``1[correct] + 0.1*k``;
 * :func:`published_step_rvr_reward` -- ``1`` if complete and logical, else ``0``.
 
+They are also what ``step_rar_reward(form="code", soft=False)`` and
+``step_rvr_reward(form="code")`` compute (:mod:`.functions`).
+
 Every header is the literal R1-VL spelling, case-sensitive, with single spaces:
 ``### Image Description:``, ``### Rationales:``, ``### Step N:``,
 ``### The final answer is:``.  The rules are listed in each function's docstring;
@@ -189,9 +192,12 @@ def published_step_rar_reward(
     completions: Sequence,
     answer: Sequence | None = None,
     key_steps: Sequence | None = None,
+    *,
+    alpha: float = ALPHA,
     **kwargs: Any,
 ) -> list[float | None]:
-    """StepRAR as published: ``1[correct] + 0.1*k`` (the bonus whatever the answer).
+    """StepRAR as published: ``1[correct] + 0.1*k`` (the bonus whatever the answer;
+    ``alpha`` replaces the published 0.1 when given).
 
     ``correct`` is :func:`published_correct` against the sample's ``answer``;
     ``k`` is :func:`published_key_step_fraction` of its ``key_steps`` (0 when the
@@ -209,7 +215,7 @@ def published_step_rar_reward(
         text = completion_text(completions[i])
         r = 1.0 if published_correct(text, str(ref)) else 0.0
         if ks is not None:
-            r += published_key_step_fraction(text, ks) * ALPHA
+            r += published_key_step_fraction(text, ks) * alpha
         out.append(r)
     return out
 

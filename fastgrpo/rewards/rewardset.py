@@ -433,12 +433,14 @@ def default_reward_set(
     accuracy (``1 + alpha*k`` when correct), and ``step_rvr`` (weight 1) is
     ``r_val``; so the total lies in ``[0, 2 + alpha]``.  ``accuracy`` and
     ``step_k`` are included with weight 0 for logging only -- adding accuracy
-    again would count it twice.
+    again would count it twice.  ``form="code", soft=False`` is the published
+    R1-VL reward exactly (both StepRAR and StepRVR in their published-code form).
     """
+    published = form == "code" and not soft
     return RewardSet(
         {
             "step_rar": make_step_rar_reward(alpha=alpha, form=form, soft=soft, layout=layout, backend=backend),
-            "step_rvr": make_step_rvr_reward(layout=layout),
+            "step_rvr": make_step_rvr_reward(layout=layout, form="code" if published else "paper"),
             "accuracy": make_accuracy_reward(layout=layout, backend=backend),
             "step_k": make_step_k(soft=soft, layout=layout),
         },
