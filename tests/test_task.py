@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastgrpo.tasks.arithmetic import answer_correct, extract_final_answer, make_splits
+from fastgrpo.tasks.arithmetic import STEPS, answer_correct, extract_final_answer, make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl, write_jsonl
 
 
@@ -36,7 +36,7 @@ def test_rows_are_consistent(splits):
         assert lines[0].startswith("### Rationales: ")
         assert lines[-1] == f"### The final answer is: {row['answer']}"
         steps = lines[1:-1]
-        assert len(steps) in (2, 3)
+        assert len(steps) in STEPS == (3, 4)
         assert len(row["key_steps"]) == len(steps)
         for k, (line, group) in enumerate(zip(steps, row["key_steps"]), 1):
             assert line.startswith(f"### Step {k}: ")

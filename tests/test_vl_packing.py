@@ -98,7 +98,9 @@ def test_packed_gradients_equal_per_sequence(family, one_thread):
     for n, a, b in zip(names, g_packed, g_ref):
         assert (a is None) == (b is None), n
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+            # fp32 sums over the packed row run in another order: the absolute tolerance
+            # scales with the gradient's size (a bias gradient of ~10 differs by ~4e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()), msg=n)
             vision_grad |= ("visual" in n or "vision_tower" in n) and bool(a.abs().sum() > 0)
     assert vision_grad  # the vision tower trains by default
 

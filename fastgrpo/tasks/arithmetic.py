@@ -1,16 +1,26 @@
 """The built-in task: synthetic multi-step arithmetic word problems with key steps.
 
-Every problem is a short story whose answer takes 2 or 3 arithmetic steps on small numbers::
+Every problem is a short story whose answer takes 3 or 4 arithmetic steps on small numbers::
 
     Tom has 3 boxes with 4 apples in each box. Then he buys 5 more apples.
-    How many apples does Tom have now?
+    Then he gives away 7 apples. How many apples does Tom have now?
 
 and its reference solution is written in the R1-VL layout that the StepGRPO rewards read::
 
     ### Rationales: Work through the story in order, one operation per step.
     ### Step 1: 3 * 4 = 12
     ### Step 2: 12 + 5 = 17
-    ### The final answer is: 17
+    ### Step 3: 17 - 7 = 10
+    ### The final answer is: 10
+
+Why 3 or 4 steps (``STEPS``): a final answer is right only when every step is, so for the
+warm-up model a right answer is rare (7% of its samples, 8% greedy) while single steps are
+often right (k, the matched key-step fraction, 0.35 on average).  Most groups of G samples
+then have no right answer at all -- no signal for an outcome-only reward -- but do differ
+in how many steps they got right, which StepRAR rewards: the mechanism R1-VL argues for.
+With 2 or 3 steps (the task before 2026-12-06) outcome success was common enough (13% of
+samples) that outcome-only GRPO came close to StepGRPO (``python -m fastgrpo.experiments
+ablation``; README).
 
 A row (one JSON object per line in the JSONL files) holds ``prompt``, ``answer`` (a string),
 ``key_steps`` (one group per step, each a list of equivalent surface forms of the step's
@@ -31,12 +41,13 @@ from pathlib import Path
 
 from fastgrpo.tasks.data import write_jsonl
 
-__all__ = ["make_problem", "make_splits", "RATIONALE", "NAMES", "ITEMS", "extract_final_answer", "answer_correct", "warmup_solution"]
+__all__ = ["make_problem", "make_splits", "RATIONALE", "STEPS", "NAMES", "ITEMS", "extract_final_answer", "answer_correct", "warmup_solution"]
 
 NAMES = [("Tom", "he"), ("Sam", "he"), ("Ben", "he"), ("Leo", "he"),
          ("Ann", "she"), ("Mia", "she"), ("Eva", "she"), ("Zoe", "she")]
 ITEMS = ["apples", "pens", "books", "coins", "cards", "eggs", "stamps", "shells"]
 RATIONALE = "Work through the story in order, one operation per step."
+STEPS = (3, 4)  # arithmetic steps per problem (see the module docstring)
 
 _SYMBOL_WORD = {"*": "times", "+": "plus", "-": "minus"}
 _SYMBOL_ALT = {"*": ["×", "x"], "+": [], "-": ["−"]}
@@ -50,8 +61,9 @@ def _step_forms(a: int, op: str, b: int, r: int) -> list[str]:
     return forms
 
 
-def make_problem(rng: random.Random) -> dict:
-    """One problem row (``prompt``, ``answer``, ``key_steps``, ``solution``) drawn from ``rng``."""
+def make_problem(rng: random.Random, lengths: tuple[int, ...] = STEPS) -> dict:
+    """One problem row (``prompt``, ``answer``, ``key_steps``, ``solution``) drawn from ``rng``;
+    its number of arithmetic steps is drawn from ``lengths``."""
     name, pron = rng.choice(NAMES)
     item = rng.choice(ITEMS)
     steps: list[tuple[int, str, int, int]] = []  # (a, op, b, result)
@@ -64,7 +76,7 @@ def make_problem(rng: random.Random) -> dict:
         story = [f"{name} has {a} {item} and gets {b} more."]
         steps.append((a, "+", b, a + b))
 
-    n_steps = rng.choice((2, 3))
+    n_steps = rng.choice(lengths)
     for _ in range(n_steps - 1):
         cur = steps[-1][3]
         kind = rng.choice(("add", "sub", "double")) if cur <= 40 else rng.choice(("add", "sub"))

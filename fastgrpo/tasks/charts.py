@@ -54,7 +54,7 @@ CHARTS_WARMUP_DIR = Path(__file__).resolve().parent / "assets" / "charts_warmup"
 # ``python -m fastgrpo.train --task charts`` (on the shipped warm-up) uses these unless given
 # explicitly: the warm-up is sharp (entropy ~0.01/token) and at the general default lr 3e-4 the
 # held-out accuracy dips (0.81 -> 0.71 at step 20, 0.80 after 60 steps, measured)
-CHARTS_TRAIN_DEFAULTS = {"steps": 150, "lr": 1e-4, "eval_every": 25}
+CHARTS_TRAIN_DEFAULTS = {"steps": 150, "lr": 1e-4, "eval_every": 25, "max_new_tokens": 72}
 _OPS = {"plus": "+", "minus": "-"}
 
 
