@@ -17,8 +17,9 @@ stepgrpo    ``step_rar,step_rvr``   StepGRPO: StepRAR + StepRVR, the default of 
 Each (arm, seed) run writes ``<out>/<arm>/seed-<s>/`` like ``fastgrpo.train`` does; a run whose
 ``summary.json`` exists is not run again and a killed run resumes from its last checkpoint, so
 a killed experiment continues where it stopped.  At the end (or with ``--report`` alone) the
-held-out greedy accuracy of every arm, mean +- standard error over seeds, and the paired
-difference of each arm to ``outcome`` go to ``<out>/ablation.md`` / ``ablation.json``, the curves
+held-out greedy accuracy of every arm, mean +- standard error over seeds, and the difference
+of each arm to ``outcome`` (in standard errors: paired by seed, and unpaired, the two arms'
+standard errors combined) go to ``<out>/ablation.md`` / ``ablation.json``, the curves
 (accuracy against step, one line per arm, +-1 s.e. bars) to ``<out>/ablation.png``.  Extra
 training options after ``--`` apply to every arm (``-- --steps 30 --group-size 4``);
 ``--shard I/K`` splits the runs over K processes.
@@ -60,6 +61,10 @@ def _train_arm(out: Path, arm: str, seed: int, extra: list[str]) -> None:
     run(parse_args(argv))
 
 
+def _summary(out: Path, arm: str, seed: int) -> dict:
+    return json.loads((_run_dir(out, arm, seed) / "summary.json").read_text())
+
+
 def _curve(d: Path) -> list[tuple[int, float]]:
     """Held-out accuracy against step of one run: before, every --eval-every steps, after."""
     summary = json.loads((d / "summary.json").read_text())
@@ -79,6 +84,11 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
         return mean, math.nan
     var = sum((x - mean) ** 2 for x in xs) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def _ratio(diff: float, se: float) -> float:
+    """``diff`` in standard errors; NaN when ``se`` is 0 or unknown (one seed)."""
+    return diff / se if math.isfinite(se) and se > 0 else math.nan
 
 
 def _json_safe(x):
@@ -101,26 +111,36 @@ def summarize(out: Path, seeds: list[int], arms: list[str]) -> dict:
         raise ValueError("the ablation needs at least one training arm besides 'warmup'")
     any_runs = next(iter(curves.values()))
     final: dict[str, list[float]] = {a: [c[-1][1] for c in cs] for a, cs in curves.items()}
+    validity = {a: [_summary(out, a, s)["eval_after"]["validity"] for s in seeds] for a in curves}
     if "warmup" in arms:  # greedy eval of the warm-up model: the same for every seed and arm
         final = {"warmup": [c[0][1] for c in any_runs], **final}
+        first = next(iter(curves))
+        validity["warmup"] = [_summary(out, first, s)["eval_before"]["validity"] for s in seeds]
     rows = {}
     for arm, xs in final.items():
         mean, se = _mean_se(xs)
-        row = {"accuracy": xs, "mean": mean, "se": se}
+        # StepRVR's validity of the greedy completions: the layout kept or lost
+        row = {"accuracy": xs, "mean": mean, "se": se, "validity": validity[arm],
+               "validity_mean": sum(validity[arm]) / len(validity[arm])}
         if "outcome" in final and arm not in ("outcome", "warmup"):
             diff, dse = _mean_se([a - b for a, b in zip(xs, final["outcome"])])
-            row.update(diff_vs_outcome=diff, diff_se=dse,
-                       diff_in_se=diff / dse if dse and math.isfinite(dse) and dse > 0 else math.nan)
+            # unpaired: the two arms' standard errors combined, as if the seeds were unrelated
+            use = math.hypot(se, _mean_se(final["outcome"])[1])
+            row.update(diff_vs_outcome=diff, diff_se=dse, diff_in_se=_ratio(diff, dse),
+                       unpaired_se=use, unpaired_in_se=_ratio(diff, use))
         rows[arm] = row
     result = {"seeds": seeds, "steps": any_runs[0][-1][0], "arms": rows}
     (out / "ablation.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     lines = [f"held-out greedy accuracy after {result['steps']} steps, {len(seeds)} seeds "
              f"({', '.join(map(str, seeds))}); mean +- standard error over seeds",
-             "", "| arm | rewards | accuracy | paired diff. vs outcome |", "|---|---|---|---|"]
+             "", "| arm | rewards | accuracy | diff. vs outcome, paired by seed | unpaired | validity |",
+             "|---|---|---|---|---|---|"]
     for arm, r in rows.items():
-        diff = (f"{r['diff_vs_outcome']:+.3f} +- {r['diff_se']:.3f} ({r['diff_in_se']:.1f} s.e.)"
-                if "diff_vs_outcome" in r else "")
-        lines.append(f"| {arm} | {ARMS[arm] or '(none)'} | {r['mean']:.3f} +- {r['se']:.3f} | {diff} |")
+        diff = (f"{r['diff_vs_outcome']:+.3f} +- {r['diff_se']:.3f} ({r['diff_in_se']:.1f} s.e.) | "
+                f"+- {r['unpaired_se']:.3f} ({r['unpaired_in_se']:.1f} s.e.)"
+                if "diff_vs_outcome" in r else " |")
+        lines.append(f"| {arm} | {ARMS[arm] or '(none)'} | {r['mean']:.3f} +- {r['se']:.3f} | {diff} | "
+                     f"{r['validity_mean']:.3f} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     series = {}
     for arm, cs in curves.items():

@@ -43,6 +43,16 @@ def test_table_is_mean_and_standard_error_of_the_runs(experiment):
         assert row["se"] == pytest.approx(abs(xs[0] - xs[1]) / 2)  # s/sqrt(2), s = |a-b|/sqrt(2)
     d = [a - b for a, b in zip(result["arms"]["stepgrpo"]["accuracy"], result["arms"]["outcome"]["accuracy"])]
     assert result["arms"]["stepgrpo"]["diff_vs_outcome"] == pytest.approx(sum(d) / 2)
+    # unpaired: sqrt(se_stepgrpo^2 + se_outcome^2), by hand from the four accuracies
+    se = {a: abs(result["arms"][a]["accuracy"][0] - result["arms"][a]["accuracy"][1]) / 2
+          for a in ("stepgrpo", "outcome")}
+    assert result["arms"]["stepgrpo"]["unpaired_se"] == pytest.approx(math.sqrt(se["stepgrpo"] ** 2 + se["outcome"] ** 2))
+    for arm in ("outcome", "stepgrpo"):  # the greedy completions' validity, per seed
+        vs = [_summary(experiment, arm, s)["eval_after"]["validity"] for s in (0, 1)]
+        assert result["arms"][arm]["validity"] == vs
+        assert result["arms"][arm]["validity_mean"] == pytest.approx(sum(vs) / 2)
+    assert result["arms"]["warmup"]["validity"] == [_summary(experiment, "outcome", s)["eval_before"]["validity"]
+                                                    for s in (0, 1)]
     before = _summary(experiment, "outcome", 0)["eval_before"]["accuracy"]
     assert result["arms"]["warmup"]["mean"] == pytest.approx(before)
     table = (experiment / "ablation.md").read_text()
