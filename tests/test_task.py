@@ -144,3 +144,23 @@ def test_warmup_solution_skips_the_doubling_sentence():
     sub = {"solution": "### Rationales: r\n### Step 1: 2 + 3 = 5\n### Step 2: 5 * 2 = 10\n"
                        "### Step 3: 10 - 7 = 3\n### The final answer is: 3"}
     assert warmup_solution(sub, random.Random(0), 1.0) == sub["solution"]
+
+
+def test_shipped_warmup_rarely_answers_right_but_often_gets_steps_right():
+    """The regime the built-in task is built for (issue 16): the shipped warm-up's final
+    answers are rarely right (0.080 held-out, greedy) while its single steps often are (key
+    steps matched 0.43), so step-wise rewards separate samples the outcome reward cannot."""
+    from fastgrpo.rewards import step_k, step_rvr_reward
+    from fastgrpo.tasks.tokenizer import encode_prompt
+    from fastgrpo.trainer.policy import load_model
+    from fastgrpo.trainer.rollout import generate
+
+    rows = make_splits(seed=0)[1][:100]  # the held-out split the default run reports
+    model, tok = load_model()
+    texts = generate(model, tok, [encode_prompt(tok, r["prompt"]) for r in rows], do_sample=False,
+                     max_new_tokens=96).texts
+    acc = sum(answer_correct(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
+    k = step_k(None, texts, key_steps=[r["key_steps"] for r in rows])
+    assert acc < 0.2, acc
+    assert sum(k) / len(k) > 0.3, k
+    assert sum(step_rvr_reward(None, texts)) == len(rows)  # the layout is learned

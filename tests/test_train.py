@@ -146,7 +146,7 @@ def test_run_writes_finite_metrics(tok, tmp_path, capsys):
         assert m["micro_batches"] >= 2
     assert "eval/accuracy" in json.loads(lines[0])
     assert set(summary["eval_before"]) == {"accuracy", "validity"}
-    assert "before StepGRPO" in out and "after  StepGRPO" in out
+    assert "before training" in out and "after  training" in out
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "model" / "config.json").is_file()
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2

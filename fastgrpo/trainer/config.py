@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = _f(0, "random seed (data order, sampling, initialisation)")
     device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
     threads: int = _f(0, "torch CPU threads (0: torch's default, one per core; measured on 2 idle cores: "
-                         "the default run in 88-104 s against 152-155 s with 1)")
+                         "the default run of the earlier 2-or-3-step task in 88-104 s against 152-155 s with 1)")
     # schedule
     steps: int = _f(60, "optimizer steps (one rollout batch each)")
     prompts_per_step: int = _f(16, "distinct prompts per step")

@@ -73,8 +73,8 @@ class Task:
 
     def report(self, before: dict, after: dict, n: int) -> str:
         return (f"held-out greedy ({n} problems)   accuracy   validity\n"
-                f"  before StepGRPO                {before['accuracy']:8.3f}   {before['validity']:8.3f}\n"
-                f"  after  StepGRPO                {after['accuracy']:8.3f}   {after['validity']:8.3f}")
+                f"  before training                {before['accuracy']:8.3f}   {before['validity']:8.3f}\n"
+                f"  after  training                {after['accuracy']:8.3f}   {after['validity']:8.3f}")
 
     def close(self) -> None:
         pass
