@@ -61,13 +61,9 @@ def _train_arm(out: Path, arm: str, seed: int, extra: list[str]) -> None:
     run(parse_args(argv))
 
 
-def _summary(out: Path, arm: str, seed: int) -> dict:
-    return json.loads((_run_dir(out, arm, seed) / "summary.json").read_text())
-
-
-def _curve(d: Path) -> list[tuple[int, float]]:
-    """Held-out accuracy against step of one run: before, every --eval-every steps, after."""
-    summary = json.loads((d / "summary.json").read_text())
+def _curve(d: Path, summary: dict) -> list[tuple[int, float]]:
+    """Held-out accuracy against step of one run (``summary``: its summary.json): before,
+    every --eval-every steps, after."""
     pts = [(0, summary["eval_before"]["accuracy"])]
     for line in (d / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
@@ -106,16 +102,18 @@ def summarize(out: Path, seeds: list[int], arms: list[str]) -> dict:
     """The table, the JSON and the plot from the finished runs under ``out``."""
     from fastgrpo.trainer.plot import plot_bands
 
-    curves = {a: [_curve(_run_dir(out, a, s)) for s in seeds] for a in arms if a != "warmup"}
-    if not curves:
+    trained = [a for a in arms if a != "warmup"]
+    if not trained:
         raise ValueError("the ablation needs at least one training arm besides 'warmup'")
+    summaries = {a: [json.loads((_run_dir(out, a, s) / "summary.json").read_text()) for s in seeds]
+                 for a in trained}
+    curves = {a: [_curve(_run_dir(out, a, s), sm) for s, sm in zip(seeds, summaries[a])] for a in trained}
     any_runs = next(iter(curves.values()))
     final: dict[str, list[float]] = {a: [c[-1][1] for c in cs] for a, cs in curves.items()}
-    validity = {a: [_summary(out, a, s)["eval_after"]["validity"] for s in seeds] for a in curves}
+    validity = {a: [sm["eval_after"]["validity"] for sm in sms] for a, sms in summaries.items()}
     if "warmup" in arms:  # greedy eval of the warm-up model: the same for every seed and arm
         final = {"warmup": [c[0][1] for c in any_runs], **final}
-        first = next(iter(curves))
-        validity["warmup"] = [_summary(out, first, s)["eval_before"]["validity"] for s in seeds]
+        validity["warmup"] = [sm["eval_before"]["validity"] for sm in summaries[trained[0]]]
     rows = {}
     for arm, xs in final.items():
         mean, se = _mean_se(xs)

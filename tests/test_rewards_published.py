@@ -289,11 +289,11 @@ def test_step_rvr_agrees_with_published_code():
     seed = _seed()
     bad = []
     valid = 0
-    for text, _, _, _ in _cases(seed, N_RVR):
+    for i, (text, _, _, _) in enumerate(_cases(seed, N_RVR)):
         ref = _ref_validity_reward([[{"role": "assistant", "content": text}]])[0]
         got = R.published_step_rvr_reward(None, [text])[0]
         # the code form of step_rvr_reward is the published rule too, with either R1-VL layout
-        layout = R.R1VL_MULTIMODAL_LAYOUT if len(bad) % 2 else R.R1VL_LAYOUT
+        layout = R.R1VL_MULTIMODAL_LAYOUT if i % 2 else R.R1VL_LAYOUT
         code_form = R.step_rvr_reward(None, [text], form="code", layout=layout)[0]
         valid += ref == 1.0
         if got != ref or code_form != ref:

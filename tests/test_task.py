@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastgrpo.tasks.arithmetic import STEPS, answer_correct, extract_final_answer, make_splits
+from fastgrpo.tasks.arithmetic import MAX_NEW_TOKENS, STEPS, answer_correct, extract_final_answer, make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl, write_jsonl
 
 
@@ -158,7 +158,7 @@ def test_shipped_warmup_rarely_answers_right_but_often_gets_steps_right():
     rows = make_splits(seed=0)[1][:100]  # the held-out split the default run reports
     model, tok = load_model()
     texts = generate(model, tok, [encode_prompt(tok, r["prompt"]) for r in rows], do_sample=False,
-                     max_new_tokens=96).texts
+                     max_new_tokens=MAX_NEW_TOKENS).texts
     acc = sum(answer_correct(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
     k = step_k(None, texts, key_steps=[r["key_steps"] for r in rows])
     assert acc < 0.2, acc

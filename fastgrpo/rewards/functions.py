@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .answer import answers_match, extract_answer
-from .layout import R1VL_LAYOUT, SECTION_RANK, Layout, ParsedSolution, parse
+from .layout import R1VL_LAYOUT, R1VL_MULTIMODAL_LAYOUT, SECTION_RANK, Layout, ParsedSolution, parse
 from .steps import key_step_fraction
 
 __all__ = [
@@ -119,8 +119,6 @@ def _check_form(form: str) -> None:
 
 def _check_published_layout(layout: Layout) -> None:
     """The published code reads R1-VL's literal ``###`` headers, whatever the layout says."""
-    from .layout import R1VL_MULTIMODAL_LAYOUT
-
     if layout not in (R1VL_LAYOUT, R1VL_MULTIMODAL_LAYOUT):
         raise ValueError(f"the published-code form reads R1-VL's '###' headers only; layout "
                          f"{layout.name!r} is not an R1-VL layout (use the paper form, or soft=True)")

@@ -41,13 +41,14 @@ from pathlib import Path
 
 from fastgrpo.tasks.data import write_jsonl
 
-__all__ = ["make_problem", "make_splits", "RATIONALE", "STEPS", "NAMES", "ITEMS", "extract_final_answer", "answer_correct", "warmup_solution"]
+__all__ = ["make_problem", "make_splits", "RATIONALE", "STEPS", "MAX_NEW_TOKENS", "NAMES", "ITEMS", "extract_final_answer", "answer_correct", "warmup_solution"]
 
 NAMES = [("Tom", "he"), ("Sam", "he"), ("Ben", "he"), ("Leo", "he"),
          ("Ann", "she"), ("Mia", "she"), ("Eva", "she"), ("Zoe", "she")]
 ITEMS = ["apples", "pens", "books", "coins", "cards", "eggs", "stamps", "shells"]
 RATIONALE = "Work through the story in order, one operation per step."
 STEPS = (3, 4)  # arithmetic steps per problem (see the module docstring)
+MAX_NEW_TOKENS = 96  # completion budget: the longest reference solution is 78 tokens with EOS
 
 _SYMBOL_WORD = {"*": "times", "+": "plus", "-": "minus"}
 _SYMBOL_ALT = {"*": ["×", "x"], "+": [], "-": ["−"]}

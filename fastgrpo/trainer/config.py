@@ -20,6 +20,7 @@ from pathlib import Path
 from fastgrpo.ops.advantages import SCALES
 from fastgrpo.ops.logprobs import BACKENDS
 from fastgrpo.ops.loss import IS_LEVELS, LOSS_TYPES
+from fastgrpo.tasks.arithmetic import MAX_NEW_TOKENS
 from fastgrpo.trainer.attention import ALIASES as ATTENTION_ALIASES
 from fastgrpo.trainer.attention import BACKENDS as ATTENTION_BACKENDS
 
@@ -73,8 +74,8 @@ class TrainConfig:
     ppo_epochs: int = _f(1, "optimisation passes over each rollout batch (>1 computes old log-probs)")
     micro_batch_tokens: int = _f(1024, "token budget of one packed micro-batch (CPU: small rows keep attention cheap)")
     # sampling
-    max_new_tokens: int = _f(96, "maximum completion length in tokens (the built-in task's longest "
-                                 "reference solution is 78 with EOS)")
+    max_new_tokens: int = _f(MAX_NEW_TOKENS, "maximum completion length in tokens (the built-in "
+                                             "task's longest reference solution is 78 with EOS)")
     temperature: float = _f(1.0, "sampling temperature (also used in the loss)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     gen_batch_size: int = _f(128, "sequences generated together")

@@ -35,7 +35,7 @@ import torch
 
 from fastgrpo.hf import backbone_hidden_states, lm_head_weight
 from fastgrpo.ops.logprobs import fused_logprobs
-from fastgrpo.tasks.arithmetic import answer_correct, make_splits, warmup_solution
+from fastgrpo.tasks.arithmetic import MAX_NEW_TOKENS, answer_correct, make_splits, warmup_solution
 from fastgrpo.tasks.tiny_model import build_tiny_model
 from fastgrpo.tasks.tokenizer import build_tokenizer, encode_prompt
 from fastgrpo.trainer.packing import pack_sequences
@@ -106,7 +106,7 @@ def sft_sequences(model, prompts: list[list[int]], comps: list[list[int]], *, st
     return losses
 
 
-def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = 96) -> float:
+def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = MAX_NEW_TOKENS) -> float:
     """Fraction of ``rows`` whose greedy completion has the right final answer."""
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]
     ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
