@@ -80,8 +80,8 @@ def load_image_processor(path: str | os.PathLike, *, min_pixels: int = 0, max_pi
     if cls is None:
         from transformers import AutoImageProcessor
         ip = AutoImageProcessor.from_pretrained(path)
-    else:
-        ip = cls.from_pretrained(path)
+    else:  # from the dict read above (from_pretrained's own reader refuses a UTF-8 BOM)
+        ip = cls.from_dict(conf)
     if min_pixels or max_pixels:
         if not hasattr(ip, "max_pixels") and "longest_edge" not in (getattr(ip, "size", None) or {}):
             raise VisionError(f"--min-pixels/--max-pixels: the image processor {type(ip).__name__} "

@@ -92,7 +92,8 @@ def _is_io_error(e: BaseException) -> bool:
 
 @contextlib.contextmanager
 def writing(path, needed: int | None = None):
-    """Inside: writing ``path``; an I/O failure becomes a :class:`WriteError` naming it."""
+    """Inside: writing ``path``; an I/O failure becomes a :class:`WriteError` naming it (for a
+    directory: the file in it written last, the one the failure cut short)."""
     try:
         yield
     except WriteError:
@@ -100,6 +101,10 @@ def writing(path, needed: int | None = None):
     except Exception as e:
         if not _is_io_error(e):
             raise
+        path = Path(path)
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            path = max(files, key=lambda p: p.stat().st_mtime_ns, default=path)
         raise WriteError(path, needed, e) from e
 
 
@@ -196,6 +201,11 @@ def write_directory(final, fill: Callable[[Path], None], verify: Callable[[Path]
             fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except WriteError as e:  # name the file as it would have been called
+        if e.path.is_relative_to(tmp):
+            e.path = final / e.path.relative_to(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -895,7 +895,7 @@ def _save_model(r: _Run, full_sd: dict | None) -> Path:
     needed = tensor_bytes(full_sd if full_sd is not None else r.model.state_dict())
 
     def fill(tmp: Path) -> None:
-        with writing(tmp, needed):
+        with writing(tmp / "model.safetensors", needed):
             if cfg.lora_r:  # the merged full model, and the adapter alone in model/adapter
                 save_lora(r.model, tmp, full_sd)
             else:
