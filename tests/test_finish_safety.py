@@ -390,6 +390,15 @@ def test_missing_optional_package_is_an_error_before_any_work(tmp_path, capsys, 
     assert not loaded and not (out / "metrics.jsonl").exists()
 
 
+def test_missing_pillow_for_the_charts_warm_up(capsys, monkeypatch):
+    from fastgrpo.trainer.sft import main as sft_main
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(SystemExit) as e:
+        sft_main(["--task", "charts", "--steps", "1"])
+    assert e.value.code == 2
+    assert "error: --task charts (chart images) needs Pillow" in capsys.readouterr().err
+
+
 def test_missing_pillow_for_a_vl_model_or_image_rows(tmp_path, capsys, monkeypatch, vl_model):
     monkeypatch.setitem(sys.modules, "PIL", None)
     code, _, err = _main(capsys, "--out-dir", str(tmp_path / "o"), "--model", str(vl_model))
@@ -536,3 +545,23 @@ def test_preprocessor_config_with_a_bom_and_crlf(tmp_path, vl_model):
     p = d / "preprocessor_config.json"
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes().replace(b"\n", b"\r\n"))
     assert type(load_image_processor(d)).__name__ == type(load_image_processor(vl_model)).__name__
+
+
+def test_readme_what_happens_when_table_names_existing_tests():
+    import re
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("What happens when:"):].split("\n\n")[1]
+    rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
+    events = [r.split("|")[1].strip() for r in rows]
+    for word in ("disk full", "kill -9", "SIGINT", "corrupt", "mismatched resume", "bad data"):
+        assert any(word in e for e in events), word
+    file = None  # a bare ::name is in the file named last
+    for row in rows:
+        cell, named = row.split("|")[3], 0
+        for m in re.finditer(r"`(tests/[\w/]+\.py)?::(\w+)", cell):
+            file = m.group(1) or file
+            src = (root / file).read_text(encoding="utf-8")
+            assert re.search(rf"^def {m.group(2)}\(", src, re.M), (file, m.group(2))
+            named += 1
+        assert named, row
