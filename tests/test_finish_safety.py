@@ -26,30 +26,11 @@ from fastgrpo.tasks.data import load_jsonl, write_jsonl
 from fastgrpo.tasks.tiny_model import WARMUP_DIR
 from fastgrpo.trainer import loop as loop_mod
 from fastgrpo.trainer.checkpoint import list_checkpoints, verify_checkpoint
-from fastgrpo.trainer.loop import main
+from test_run_safety import _main, _train_file  # the same in-process harness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-        "--eval-size", "1", "--eval-every", "0", "--sample-every", "0", "--no-plot", "--no-progress",
-        "--device", "cpu", "--threads", "1"]
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    """Exit code (0 when main returns), stdout, stderr."""
-    code = 0
-    try:
-        main([*FAST, *argv])
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _train_file(tmp_path, n=4) -> Path:
-    write_jsonl(make_splits(seed=3, n_train=n, n_eval=1)[0], tmp_path / "train.jsonl")
-    return tmp_path / "train.jsonl"
 
 
 def _steps(out: Path) -> list[int]:

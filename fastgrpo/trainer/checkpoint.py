@@ -74,8 +74,8 @@ from typing import Any
 import torch
 
 from fastgrpo.hf import unwrap_model
-from fastgrpo.trainer.diskio import (WriteError, _pid_alive, check_safetensors, tensor_bytes,
-                                     write_directory, writing)
+from fastgrpo.trainer.diskio import (WriteError, check_safetensors, fsync_file, pid_alive,
+                                     tensor_bytes, write_directory, writing)
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -225,14 +225,6 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_distributed_tensor_model(model) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
@@ -295,7 +287,7 @@ def _write_atomically(root: Path, step: int, tensors: dict, state: dict, *,
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
-                _fsync_file(p)
+                fsync_file(p)
                 files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
         manifest = {"format": FORMAT_VERSION, "step": step, "files": files,
                     "torch": torch.__version__, "time": time.time()}
@@ -610,7 +602,7 @@ def prune(run_dir, keep_last: int, *, run_id: str | None = None, keep=()) -> lis
         for p in root.iterdir():
             if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
                 pid = p.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                     continue  # another live writer
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["WriteError", "writing", "write_directory", "write_file", "check_safetensors",
-           "tensor_bytes", "user_mode", "fsync_dir"]
+           "tensor_bytes", "user_mode", "fsync_file", "fsync_dir",
+           "pid_alive"]
 
 
 def _size(n: int) -> str:
@@ -127,7 +128,7 @@ def user_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -148,7 +149,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,7 +163,7 @@ def _remove_stale(parent: Path, name: str) -> None:
     """Temporary siblings of ``name`` left by dead writers (a kill -9 during a save)."""
     for p in parent.glob(f".tmp-{name}-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -188,7 +189,7 @@ def write_directory(final, fill: Callable[[Path], None], verify: Callable[[Path]
         for p in sorted(tmp.rglob("*")):
             os.chmod(p, dmode if p.is_dir() else fmode)
             if p.is_file():
-                _fsync(p)
+                fsync_file(p)
         fsync_dir(tmp)
         old = None
         with writing(final):
