@@ -174,6 +174,7 @@ def _fail_on_call(real, n, exc):
 def test_disk_full_at_each_write_is_an_error_naming_the_file(tmp_path, capsys, monkeypatch, where):
     import safetensors.torch
     import transformers
+    import transformers.modeling_utils  # noqa: F401  (binds the real save_file before the patch)
     import fastgrpo.trainer.logs as logs
     out = tmp_path / "o"
     file = {"checkpoint weights": "model.safetensors", "checkpoint state": "trainer_state.pt",
@@ -277,6 +278,47 @@ def test_resume_auto_after_a_crash_without_checkpoint_does_not_suggest_itself(tm
     assert code == 2
     assert "no valid checkpoint" in err and "it cannot be continued: pass --overwrite" in err
     assert "pass --resume auto" not in err
+
+
+def test_write_directory_is_complete_or_absent(tmp_path):
+    from fastgrpo.trainer.diskio import WriteError, write_directory, writing
+    final = tmp_path / "model"
+
+    def fill(data, fault=None):
+        def f(tmp):
+            (tmp / "a.txt").write_text(data)
+            with writing(tmp / "b.bin", 10):
+                (tmp / "b.bin").write_bytes(b"12345")  # half of it, then the fault
+                if fault is not None:
+                    raise fault
+        return f
+    write_directory(final, fill("one"))
+    # a failed write; an interrupt mid-write (what a signal or SystemExit does)
+    for fault, raised in ((ENOSPC, WriteError), (KeyboardInterrupt(), KeyboardInterrupt)):
+        with pytest.raises(raised):
+            write_directory(final, fill("new", fault))
+        assert (final / "a.txt").read_text() == "one" and sorted(os.listdir(tmp_path)) == ["model"]
+    # a dead writer's temporary directory (kill -9) is removed by the next write
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".tmp-model-{dead}").mkdir()
+    write_directory(final, fill("two"))
+    assert (final / "a.txt").read_text() == "two" and sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_write_error_names_the_final_path_and_the_sizes(tmp_path):
+    from fastgrpo.trainer.diskio import WriteError, write_directory, writing
+
+    def fill(tmp):
+        with writing(tmp / "w.safetensors", 3 * 2 ** 20):
+            raise ENOSPC
+    with pytest.raises(WriteError) as e:
+        write_directory(tmp_path / "model", fill)
+    msg = str(e.value)
+    assert msg.startswith(f"could not write {tmp_path / 'model' / 'w.safetensors'}: no space left "
+                          f"on device (it needs about 3.0 MB; ")
+    assert f"{shutil.disk_usage(tmp_path).free / 2 ** 30:.1f} GB free on that filesystem" in msg \
+        or "MB free" in msg
 
 
 # ----------------------------------------------------------------------------- before the first step
@@ -437,6 +479,22 @@ def test_signal_in_the_initial_eval_stops_it_without_training(tmp_path, capsys, 
     assert done == []  # the evaluation's generation never ran to its end
     assert not (out / "metrics.jsonl").exists() and list_checkpoints(out) == []
     assert not (out / ".lock").exists()
+
+
+def test_signal_during_set_up_stops_before_training(tmp_path, capsys, monkeypatch):
+    real, done = loop_mod.load_model, []
+
+    def load_model(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append(real(*a, **k))
+        return done[-1]
+    monkeypatch.setattr(loop_mod, "load_model", load_model)
+    out = tmp_path / "o"
+    code, _, err = _main(capsys, "--out-dir", str(out), "--save-every", "1")
+    assert code == 130, err
+    assert "SIGINT: stopping the set-up; the run ends before training" in err
+    assert "interrupted: SIGINT: stopped before training" in err and "Traceback" not in err
+    assert done == [] and sorted(p.name for p in out.iterdir()) == []
 
 
 def test_signal_in_the_final_eval_after_the_model_is_saved(tmp_path, capsys, monkeypatch):

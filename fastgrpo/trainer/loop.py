@@ -46,8 +46,15 @@ per step, NaN/inf as null; stdout gets a short human line under ``--no-progress`
 
 The run owns ``--out-dir`` (``outdir.py``: a pid lock file; a fresh run refuses an earlier
 run's outputs unless ``--overwrite``); a resume must match the checkpoint's run identity
-(``run_identity``, or ``--resume-force``); SIGINT/SIGTERM finish the step, checkpoint it and
-exit 130/143 (a second signal exits at once).
+(``run_identity``, or ``--resume-force``); SIGINT/SIGTERM keep the promise their message
+makes in each phase (``_Signals``): set-up and the initial eval stop at once without training,
+a step finishes and is checkpointed, a periodic eval stops and its step is checkpointed, the
+final eval stops after the model is saved; exit 130/143 (a second signal exits at once).  The
+finish (``_finish``) goes in order of importance: ``model/`` written like a checkpoint
+(temporary directory, verified, renamed), the final eval, ``summary.json``, the plot, the
+report; a failure of the last three is a warning.  A failed write (disk full) is a
+``diskio.WriteError``: ``error:`` naming the file and the bytes it needed, the newest
+checkpoint and the ``--resume`` command, exit 2.
 """
 
 from __future__ import annotations
@@ -1042,7 +1049,8 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point.  Exit codes: 2 for configuration/data/checkpoint/reward errors, 3 when
+    """CLI entry point.  Exit codes: 2 for configuration/data/checkpoint/reward errors and failed
+    writes (disk full: the message names the file and the checkpoint to resume from), 3 when
     the loss or gradient norm became NaN/inf (the message names the step), 130/143 when
     SIGINT/SIGTERM stopped the run (after a checkpoint; the message says how to resume)."""
     try:
