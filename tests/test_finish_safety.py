@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fastgrpo.tasks.arithmetic import make_splits
-from fastgrpo.tasks.data import load_jsonl, write_jsonl
+from fastgrpo.tasks.data import DataError, load_jsonl, write_jsonl
 from fastgrpo.tasks.tiny_model import WARMUP_DIR
 from fastgrpo.trainer import loop as loop_mod
 from fastgrpo.trainer.checkpoint import list_checkpoints, verify_checkpoint
@@ -428,7 +428,13 @@ def test_missing_pillow_for_a_vl_model_or_image_rows(tmp_path, capsys, monkeypat
     assert code == 2 and "needs Pillow, which is not installed: pip install 'fastgrpo[vl]'" in err
     from fastgrpo.trainer.config import ConfigError, parse_args
     from fastgrpo.trainer.vision import setup_vision
-    with pytest.raises(ConfigError, match=r"data with images needs Pillow"):
+    from fastgrpo.vl import VisionAdapter  # noqa: F401  (imported before PIL goes)
+    model = torch.nn.Linear(1, 1)
+    model.config = type("C", (), {"vision_config": {}, "model_type": "qwen2_vl"})()
+    with pytest.raises(ConfigError, match=r"a vision-language model \(its images\) needs Pillow"):
+        setup_vision(parse_args([]), model, None, [{"prompt": "<image> x", "image": "a.png"}], [])
+    # images given to a text-only model: that error, whether Pillow is there or not
+    with pytest.raises(DataError, match="has an image, but the model"):
         setup_vision(parse_args([]), torch.nn.Linear(1, 1), None, [{"prompt": "x", "image": "a.png"}], [])
 
 

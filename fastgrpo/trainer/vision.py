@@ -115,9 +115,9 @@ def setup_vision(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[
     """The run's :class:`VisionRun` (None for a text-only model).  Checks the rows' images
     first: images given to a text-only model raise ``DataError`` naming the row."""
     vl = is_vision_config(getattr(model, "config", None))
-    if vl or any(row_images(r) for r in (*train_rows, *eval_rows)):
+    if vl:  # (images given to a text-only model are refused below, Pillow or not)
         from fastgrpo.trainer.requirements import require
-        require("Pillow", "a vision-language model or data with images")
+        require("Pillow", "a vision-language model (its images)")
     for what, rows, file in (("train", train_rows, cfg.train_file), ("eval", eval_rows, cfg.eval_file)):
         root = Path(file).resolve().parent if file else None
         if not vl:
