@@ -224,6 +224,20 @@ def test_disk_full_at_each_write_is_an_error_naming_the_file(tmp_path, capsys, m
     assert _steps(out) == [1, 2] and (out / "model" / "model.safetensors").is_file()
 
 
+def test_a_failing_logger_is_a_warning_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(*a, **k):
+        raise ENOSPC
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "o"
+    code, _, err = _main(capsys, "--out-dir", str(out), "--steps", "2", "--report-to", "tensorboard")
+    assert code == 0, err
+    assert err.count("warning: --report-to tensorboard failed (OSError: [Errno 28]") == 1
+    assert _steps(out) == [1, 2] and (out / "model" / "model.safetensors").is_file()
+
+
 def test_summary_write_failure_is_a_warning(tmp_path, capsys, monkeypatch):
     def full(*a, **k):
         raise ENOSPC

@@ -171,13 +171,25 @@ class RunLog:
             print(step_line(m, self.total), flush=True)
         scalars = {k: v for k, v in m.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, m["step"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=m["step"])
+        try:
+            if self.tb is not None:
+                for k, v in scalars.items():
+                    self.tb.add_scalar(k, v, m["step"])
+                self.tb.flush()
+        except Exception as e:  # noqa: BLE001 - a logger never stops the run (metrics.jsonl has it)
+            self.tb = self._logger_failed("tensorboard", e)
+        try:
+            if self.wandb is not None:
+                self.wandb.log(scalars, step=m["step"])
+        except Exception as e:  # noqa: BLE001
+            self.wandb = self._logger_failed("wandb", e)
         self.history.append(m)
+
+    @staticmethod
+    def _logger_failed(name: str, e: Exception) -> None:
+        print(f"warning: --report-to {name} failed ({type(e).__name__}: {e}); it is switched off "
+              f"for the rest of the run (metrics.jsonl has every step)", file=sys.stderr)
+        return None
 
     def sample(self, row: dict) -> None:
         if self.enabled:
