@@ -1023,11 +1023,11 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
     lock = r = None
     try:
         check_dependencies(cfg)
-        lock = _claim_out_dir(cfg, info)
         with _Signals() as signals:  # the whole run: set-up, the evals before and after included
             try:
                 with signals.phase("stopping the set-up; the run ends before training (nothing "
                                    "is trained or written)", interrupt=True):
+                    lock = _claim_out_dir(cfg, info)
                     r = _setup(cfg, model, tokenizer, info)
                     _preflight(r)
                 return _train(r, signals)
