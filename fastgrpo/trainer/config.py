@@ -61,7 +61,7 @@ class TrainConfig:
                                  "step_type each, or multi-turn retrieval with --rollout-mode online) | "
                                  "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
-    eval_file: str = _f("", "held-out JSONL for greedy eval; default: the built-in task's eval split")
+    eval_file: str = _f("", "held-out JSONL for greedy eval (needs --train-file); default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
     seed: int = _f(0, "random seed (data order, sampling, initialisation)")
     device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
