@@ -27,7 +27,7 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ("prompt",)
         for lineno, raw in enumerate(f, 1):
             where = f"{p}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
                                 f"{e.start + 1}); JSONL files must be UTF-8") from None

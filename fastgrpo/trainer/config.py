@@ -61,7 +61,7 @@ class TrainConfig:
                                  "step_type each, or multi-turn retrieval with --rollout-mode online) | "
                                  "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
-    eval_file: str = _f("", "held-out JSONL for greedy eval; default: the built-in task's eval split")
+    eval_file: str = _f("", "held-out JSONL for greedy eval (needs --train-file); default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
     seed: int = _f(0, "random seed (data order, sampling, initialisation)")
     device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
@@ -205,6 +205,9 @@ class TrainConfig:
             module, install = REPORT_NEEDS[name]
             if importlib.util.find_spec(module) is None:
                 bad("report_to", f"needs the {module} package ({install})")
+        if self.eval_file and not self.train_file:
+            bad("eval_file", "needs --train-file too (the training rows; without it the run "
+                             "would train on the built-in task and evaluate on your file)")
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the run that --resume {self.resume!r} would "
                               f"continue; give one of them")
@@ -329,7 +332,7 @@ def load_config_file(path: str) -> dict:
     if suffix == ".toml":
         import tomllib
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
     elif suffix in (".yaml", ".yml"):
@@ -339,7 +342,7 @@ def load_config_file(path: str) -> dict:
             raise ConfigError(f"{p}: YAML config files need PyYAML (pip install pyyaml); "
                               f"or use a .toml file") from None
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
     else:

@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> None:
         from fastgrpo.trainer.routing_sft import main as routing_main
         return routing_main(args_in)
     if known.task == "charts":  # the multimodal task (tasks/charts.py)
+        from fastgrpo.trainer.config import ConfigError
+        from fastgrpo.trainer.requirements import require
+        try:
+            require("Pillow", "--task charts (chart images)")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
         from fastgrpo.tasks.charts import sft_main
         return sft_main(args_in)
     if known.task != "arithmetic":
