@@ -24,6 +24,7 @@ import torch
 from fastgrpo.tasks.arithmetic import make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl, write_jsonl
 from fastgrpo.tasks.tiny_model import WARMUP_DIR
+from fastgrpo.trainer import evaluation as eval_mod
 from fastgrpo.trainer import loop as loop_mod
 from fastgrpo.trainer.checkpoint import list_checkpoints, verify_checkpoint
 from test_run_safety import _main, _train_file  # the same in-process harness
@@ -474,7 +475,7 @@ def test_eval_file_without_train_file_is_an_error(tmp_path, capsys):
 def _signal_on_eval(monkeypatch, sig, nth):
     """Send ``sig`` as the ``nth`` greedy evaluation starts generating; records the
     generations that ran to completion."""
-    real, calls, done = loop_mod.generate, [0], []
+    real, calls, done = eval_mod.generate, [0], []
 
     def generate(*a, **k):
         calls[0] += 1
@@ -483,7 +484,7 @@ def _signal_on_eval(monkeypatch, sig, nth):
         ro = real(*a, **k)
         done.append(calls[0])
         return ro
-    monkeypatch.setattr(loop_mod, "generate", generate)
+    monkeypatch.setattr(eval_mod, "generate", generate)  # the greedy evaluation's
     return done
 
 

@@ -34,7 +34,7 @@ TIMING = {"gen_tokens_per_s", "train_tokens_per_s", "gen_seconds", "train_second
 
 @pytest.fixture(scope="module")
 def tok():
-    from fastgrpo.tasks.tokenizer import build_tokenizer
+    from fastgrpo.tasks.arithmetic import build_tokenizer
     return build_tokenizer()
 
 

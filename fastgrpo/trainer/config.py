@@ -12,20 +12,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import pkgutil
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fastgrpo.tasks
 from fastgrpo.ops.advantages import SCALES
 from fastgrpo.ops.logprobs import BACKENDS
 from fastgrpo.ops.loss import IS_LEVELS, LOSS_TYPES
-from fastgrpo.tasks.arithmetic import MAX_NEW_TOKENS
 from fastgrpo.trainer.attention import ALIASES as ATTENTION_ALIASES
 from fastgrpo.trainer.attention import BACKENDS as ATTENTION_BACKENDS
 
 __all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "explicit_fields",
-           "report_targets"]
+           "report_targets", "builtin_tasks"]
 
 DP_STRATEGIES = ("auto", "ddp", "fsdp")
 LORA_TARGET = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -33,7 +34,14 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 # --report-to target -> (module that must be importable, how to install it)
 REPORT_NEEDS = {"tensorboard": ("tensorboard", "pip install tensorboard"),
                 "wandb": ("wandb", "pip install 'fastgrpo[wandb]'")}
-TASKS = ("arithmetic", "routing", "charts")
+MAX_NEW_TOKENS = 96  # the built-in arithmetic task's completion budget (its longest solution: 78)
+
+
+def builtin_tasks() -> tuple[str, ...]:
+    """The built-in task names: the packages under ``fastgrpo/tasks/`` (none is imported)."""
+    return tuple(m.name for m in pkgutil.iter_modules(fastgrpo.tasks.__path__) if m.ispkg)
+
+
 ROLLOUT_MODES = ("offline", "online")
 
 
@@ -59,7 +67,8 @@ class TrainConfig:
     task: str = _f("arithmetic", "the task: arithmetic (StepGRPO, the built-in word problems or a prompt/answer/"
                                  "key_steps JSONL) | routing (R1-Router's Step-GRPO: step states with a "
                                  "step_type each, or multi-turn retrieval with --rollout-mode online) | "
-                                 "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model)")
+                                 "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model) | "
+                                 "module.path:TASK (a fastgrpo.trainer.task.Task of your own)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
     eval_file: str = _f("", "held-out JSONL for greedy eval (needs --train-file); default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
@@ -188,8 +197,8 @@ class TrainConfig:
                 dev = None
             if dev is None or dev.type not in ("cpu", "cuda", "mps"):
                 bad("device", "choose auto, cpu, cuda, cuda:N or mps")
-        if self.task not in TASKS:
-            bad("task", f"choose one of {', '.join(TASKS)}")
+        if ":" not in self.task and self.task not in builtin_tasks():
+            bad("task", f"choose one of {', '.join(builtin_tasks())} or give module.path:TASK")
         if self.rollout_mode not in ROLLOUT_MODES:
             bad("rollout_mode", f"choose one of {', '.join(ROLLOUT_MODES)}")
         if self.rollout_mode == "online" and self.task != "routing":

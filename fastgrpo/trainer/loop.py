@@ -29,17 +29,17 @@ Robustness and scale (all off or automatic by default):
   on CUDA; ``--dp-strategy``).  Each rank generates whole prompt groups; the kept samples are
   gathered and length-balanced over the ranks; the loss is normalised over the global batch,
   so K processes compute the same update as one process given the same rollouts.
-* ``--task routing`` (``tasks.py``): R1-Router's Step-GRPO -- offline step states, or with
-  ``--rollout-mode online`` multi-turn rollouts against the knowledge bases (``multiturn.py``);
-  the task supplies the data, rewards and held-out eval and may replace the rollout, score and
-  advantage stages (one hook call at the top of each).
+* ``--task NAME`` or ``--task module.path:TASK``: a ``fastgrpo.trainer.task.Task`` supplies the
+  data, rewards, prompt encoding and held-out eval, and may replace the rollout, score and
+  advantage stages (one hook call at the top of each): e.g. ``fastgrpo.tasks.routing``'s
+  multi-turn rollouts against knowledge bases (``--rollout-mode online``).
 * ``--attn-implementation`` picks the packed-row attention backend; ``--preset`` loads a named
   model + hyper-parameter set (``fastgrpo.trainer.presets``), explicit options still win.
 
-Defaults: the shipped warm-up checkpoint (``fastgrpo/tasks/assets/warmup``) on the built-in
+Defaults: the shipped warm-up checkpoint (``fastgrpo/tasks/arithmetic/checkpoint``) on the built-in
 arithmetic task; runs on a 2-core CPU in a few minutes and prints held-out greedy accuracy and
 validity before and after.  ``--task charts``: the shipped tiny Qwen2-VL chart warm-up
-(``fastgrpo/tasks/assets/charts_warmup``) with ``fastgrpo.tasks.charts.CHARTS_TRAIN_DEFAULTS``
+(``fastgrpo/tasks/charts/checkpoint``) with ``fastgrpo.tasks.charts.CHARTS_TRAIN_DEFAULTS``
 for the options not given explicitly.  Outputs in ``--out-dir``: ``metrics.jsonl`` (one strict JSON line
 per step, NaN/inf as null; stdout gets a short human line under ``--no-progress``),
 ``samples.jsonl``, ``curves.png``, ``summary.json`` and ``model/``.
@@ -77,11 +77,8 @@ from typing import Callable
 import torch
 
 from fastgrpo.ops.advantages import constant_groups, group_advantages
-from fastgrpo.rewards import (TAG_LAYOUT, RewardError, RewardResult, RewardSet, default_reward_set,
-                              load_reward_function, reward_set_from_spec)
-from fastgrpo.tasks.arithmetic import make_splits
-from fastgrpo.tasks.data import DataError, load_jsonl
-from fastgrpo.tasks.tokenizer import encode_prompt
+from fastgrpo.rewards import R1VL_MULTIMODAL_LAYOUT, TAG_LAYOUT, RewardError, RewardResult, RewardSet
+from fastgrpo.tasks.data import DataError
 from fastgrpo.trainer import distributed as dist_
 from fastgrpo.trainer.attention import AttentionBackendError, apply_attention, select_attention
 from fastgrpo.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointError, CheckpointMismatchError,
@@ -102,7 +99,9 @@ from fastgrpo.trainer.requirements import check_dependencies
 from fastgrpo.trainer.rollout import Rollout, generate
 from fastgrpo.trainer.engines import make_engine
 from fastgrpo.trainer.sample import Sample
-from fastgrpo.trainer.tasks import Task, get_task
+from fastgrpo.trainer.evaluation import build_reward_set, columns, evaluate
+from fastgrpo.trainer.task import Task, load_task
+from fastgrpo.trainer.vision import setup_vision
 
 __all__ = ["main", "run", "optimize", "compute_advantages", "batch_logprobs", "evaluate",
            "build_reward_set", "load_data", "lr_at", "run_identity", "TrainingInterrupted"]
@@ -141,47 +140,9 @@ class TrainingInterrupted(Exception):
 
 
 def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """Train and eval rows: JSONL files when given, else the built-in task's splits."""
-    if cfg.task == "charts" and not (cfg.train_file or cfg.eval_file):
-        from fastgrpo.tasks.charts import make_splits as chart_splits
-        train, evals = chart_splits(0)  # images as PIL objects in each row's "image"
-        return train, evals[:cfg.eval_size]
-    if cfg.train_file or cfg.eval_file:
-        train = load_jsonl(cfg.train_file) if cfg.train_file else make_splits(cfg.seed)[0]
-        evals = load_jsonl(cfg.eval_file) if cfg.eval_file else []
-    else:
-        train, evals = make_splits(0)  # the warm-up model was trained on split seed 0
-    return train, evals[:cfg.eval_size]
-
-
-def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
-    """The reward set: ``--rewards`` when given, else the default StepGRPO set (in ``layout``;
-    default R1-VL ``### Step k:``), plus ``--reward module:function[=weight]`` extras.
-
-    ``accuracy``, ``step_rvr`` and ``step_k`` are always computed (weight 0 when the set lacks
-    them): the logs and the held-out evaluation read them, whatever the training reward."""
-    default = default_reward_set() if layout is None else default_reward_set(layout=layout)
-    base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
-    funcs, weights = dict(base.funcs), dict(base.weights)
-    for name in ("accuracy", "step_rvr", "step_k"):
-        if name not in funcs:
-            funcs[name], weights[name] = default.funcs[name], 0.0
-    for spec in cfg.reward:
-        target, _, w = spec.partition("=")
-        fn = load_reward_function(target)
-        name = target.split(":")[-1]
-        while name in funcs:
-            name += "_"
-        funcs[name], weights[name] = fn, float(w) if w else 1.0
-    return RewardSet(funcs, weights)
-
-
-def _columns(rows: list[dict], index: list[int]) -> dict:
-    """Every dataset column but the prompt, one value per sample (as TRL passes them); a row
-    without a column gets None there ("not applicable" to the reward functions)."""
-    names = dict.fromkeys(k for i in index for k in rows[i]
-                          if k not in ("prompt", "prompts", "completions"))
-    return {k: [rows[i].get(k) for i in index] for k in names}
+    """Train and eval rows of ``cfg.task`` (``Task.load_data`` after ``Task.configure``)."""
+    task = load_task(cfg.task)
+    return task.load_data(task.configure(cfg))
 
 
 def compute_advantages(rewards: list[float], group_size: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,26 +154,6 @@ def compute_advantages(rewards: list[float], group_size: int, cfg: TrainConfig) 
     if cfg.drop_zero_std_groups:
         keep = ~constant_groups(r, group_size=group_size)
     return adv, keep
-
-
-def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: TrainConfig,
-             encode=None, vision=None) -> dict:
-    """Greedy held-out accuracy and layout validity (the reward set's accuracy / step_rvr).
-    ``encode(tokenizer, prompt) -> ids`` (default ``tasks.tokenizer.encode_prompt``);
-    ``vision``: the run's ``trainer.vision.VisionRun`` (the rows' images in the prompts)."""
-    if not rows:
-        return {"accuracy": math.nan, "validity": math.nan}
-    encode = encode or encode_prompt
-    vkw = {}
-    if vision is not None:
-        prompts, vkw = vision.generate_kwargs(rows, encode, "eval")
-    else:
-        prompts = [encode(tokenizer, r["prompt"]) for r in rows]
-    ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
-                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, **vkw)
-    res = reward_set([r["prompt"] for r in rows], ro.texts, **_columns(rows, list(range(len(rows)))))
-    stats = res.stats()
-    return {"accuracy": stats["accuracy"]["mean"], "validity": stats["step_rvr"]["mean"]}
 
 
 # ----------------------------------------------------------------------------- one run's state
@@ -243,7 +184,7 @@ class _Run:
     run_id: str = ""                       # the run identity its checkpoints record
     engine: object = None                  # the rollout engine (engines.py)
     vision: object = None                  # vision-language hooks (trainer/vision.py), or None
-    task: Task = field(default_factory=Task)  # --task: data, rewards, eval, stage hooks (tasks.py)
+    task: Task = field(default_factory=Task)  # --task: data, rewards, eval, stage hooks (task.py)
 
     @property
     def main(self) -> bool:
@@ -333,16 +274,15 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     preset = None
     if cfg.preset:
         cfg, preset = _apply_preset(cfg, info.is_main, resolve_model=model is None)
-    task = get_task(cfg)
+    task = load_task(cfg.task)
     cfg = task.configure(cfg)
     train_rows, eval_rows = task.load_data(cfg)
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)
-        model, tokenizer = _load_model(cfg, device, backend)
+        model, tokenizer = _load_model(cfg, device, backend, task.checkpoint)
     elif cfg.attn_implementation != "auto":
         apply_attention(model, select_attention(cfg.attn_implementation, device))
     model.to(device)
-    from fastgrpo.trainer.vision import setup_vision
     vision = setup_vision(cfg, model, tokenizer, train_rows, eval_rows, device=device)  # None: text-only
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -357,10 +297,10 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     policy = wrap_model(model, device, strategy=cfg.dp_strategy)
     layout = TAG_LAYOUT if preset is not None and preset.layout == "tag" else None
     if layout is None and vision is not None:  # R1-VL's multimodal layout (Image Description)
-        from fastgrpo.rewards import R1VL_MULTIMODAL_LAYOUT as layout
+        layout = R1VL_MULTIMODAL_LAYOUT
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    encode = encode_prompt
+    encode = task.encode
     if preset is not None and preset.use_chat_template:
         from fastgrpo.trainer.presets import encode_chat_prompt
 
@@ -382,11 +322,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "merges.txt", "vocab.txt", "spiece.model")
 
 
-def _load_model(cfg: TrainConfig, device, backend):
-    """``policy.load_model``; a model directory whose tokenizer cannot be loaded is a
-    ``ConfigError`` naming the directory and the files looked for."""
+def _load_model(cfg: TrainConfig, device, backend, default=None):
+    """``policy.load_model`` of ``--model`` (else ``default``, the task's shipped checkpoint); a
+    model directory whose tokenizer cannot be loaded is a ``ConfigError`` naming the directory
+    and the files looked for."""
     try:
-        return load_model(cfg.model or None, device=device, attn_implementation=backend)
+        return load_model(cfg.model or default, device=device, attn_implementation=backend)
     except (ValueError, OSError, TypeError, KeyError) as e:
         if isinstance(e, FileNotFoundError) or not cfg.model:
             raise
@@ -577,7 +518,7 @@ def _score(r: _Run, samples: list[Sample]) -> RewardResult:
         return r.task.score(r, samples)
     rows = [s.row for s in samples]
     res = r.reward_set([r.train_rows[i]["prompt"] for i in rows], [s.text for s in samples],
-                       **_columns(r.train_rows, rows))
+                       **columns(r.train_rows, rows))
     for s, total in zip(samples, res.total):
         s.reward = total
     return res

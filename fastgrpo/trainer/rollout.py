@@ -25,7 +25,7 @@ import torch
 
 from fastgrpo.trainer.sample import Sample
 
-__all__ = ["Rollout", "generate", "generate_reference", "make_samples"]
+__all__ = ["Rollout", "generate", "generate_reference", "make_samples", "new_cache", "cache_kwarg", "pick_token"]
 
 
 @dataclass
@@ -105,7 +105,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int =
     return ro
 
 
-def _new_cache(model, capacity: int):
+def new_cache(model, capacity: int):
     """A ``DynamicCache`` whose layers write into buffers of ``capacity`` positions (appending a
     token then costs a write, not a copy of the whole cache as ``torch.cat`` does); a plain
     ``DynamicCache`` where its layers are not the plain dynamic kind (sliding windows...)."""
@@ -168,14 +168,14 @@ def _buffered_layer():
     return BufferedLayer
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """The forward's name for the KV cache (``cache`` in transformers 5.2x, formerly
     ``past_key_values``)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _pick(logits: torch.Tensor, temperature: float | None, top_p: float):
+def pick_token(logits: torch.Tensor, temperature: float | None, top_p: float):
     """Next tokens from float32 logits ``[B, V]`` and their log-probs at ``temperature``
     (greedy when ``temperature`` is None: the log-probs at temperature 1)."""
     if temperature is None:
@@ -209,7 +209,7 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
     if vision is not None:  # images in the prefill; mrope positions [3, B, W]
         extra, pos = vision.prefill_inputs(model, prompts, inputs or [{}] * len(prompts), inp, att)
     padded = not bool(att.all())  # no padding: no mask at all (as model.generate does)
-    cache, key = _new_cache(model, width + max_new_tokens), _cache_kwarg(model)
+    cache, key = new_cache(model, width + max_new_tokens), cache_kwarg(model)
     out = model(input_ids=inp, attention_mask=att if padded else None, position_ids=pos,
                 use_cache=True, logits_to_keep=1, **{key: cache}, **extra)
     logits = out.logits[:, -1].float()
@@ -227,7 +227,7 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
     lps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
-        tok, lp = _pick(logits, temperature, top_p)
+        tok, lp = pick_token(logits, temperature, top_p)
         toks[alive, t], lps[alive, t] = tok, lp
         length[alive] = t + 1
         done = tok == eos
