@@ -20,7 +20,8 @@ from fastgrpo.trainer import distributed as dist_  # noqa: E402
 from fastgrpo.trainer.checkpoint import MODEL_FILE, STATE_FILE  # noqa: E402
 from fastgrpo.trainer.config import ConfigError, parse_args  # noqa: E402
 from fastgrpo.trainer.learn import _ref_logprobs, batch_logprobs, optimize  # noqa: E402
-from fastgrpo.trainer.loop import _setup, main  # noqa: E402
+from fastgrpo.trainer.loop import main  # noqa: E402
+from fastgrpo.trainer.setup import setup_run as _setup  # noqa: E402
 from fastgrpo.trainer.packing import pack_sequences  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -40,6 +40,46 @@ def main(argv: list[str] | None = None) -> None:
     return sft_main(argv)
 
 
+def _train(model, tok, adapter, enc, comps, evals, eval_enc, args, t0: float) -> None:
+    """The SFT steps: completion tokens of the packed, image-attached batches (fused log-probs)."""
+    train_n = len(enc)
+    rng = random.Random(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
+    warm = 10
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+    model.train()
+    order: list[int] = []
+    for step in range(args.steps):
+        if len(order) < args.batch_size:
+            more = list(range(train_n))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[:args.batch_size], order[args.batch_size:]
+        samples = [Sample(prompt_ids=enc[i][0], completion_ids=comps[i], group=0, row=i,
+                          prompt_inputs=enc[i][1]) for i in idx]
+        bins = ffd_bins([s.num_tokens for s in samples], args.micro_batch_tokens)
+        batches = pack_bins(bins, samples)
+        attach_vision(batches, samples, adapter, model)
+        n_tok = sum(mb.num_loss_tokens for mb in batches)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in batches:
+            hidden, weight = policy_hidden_states(model, mb)
+            logp = fused_logprobs(hidden, weight, mb.targets)
+            loss = -(logp * (mb.targets != -100)).sum() / n_tok
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            probe = ""
+            if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1):
+                probe = f"  teacher-forced bar reading {teacher_forced_reading(model, tok, adapter, evals, eval_enc):.2f}"
+            print(f"sft step {step:4d}  loss {total:.4f}{probe}  ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+
 def sft_main(argv: list[str] | None = None) -> None:
     """``python -m fastgrpo.sft --task charts --out DIR``: warm up a tiny Qwen2-VL."""
     ap = argparse.ArgumentParser(prog="python -m fastgrpo.sft --task charts")
@@ -77,42 +117,8 @@ def sft_main(argv: list[str] | None = None) -> None:
     enc = encode_rows(adapter, train, None)
     eval_enc = encode_rows(adapter, evals, None)
     comps = [tok(r["solution"] + tok.eos_token, add_special_tokens=False)["input_ids"] for r in train]
-    rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
-    warm = 10
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     t0 = time.time()
-    model.train()
-    order: list[int] = []
-    for step in range(args.steps):
-        if len(order) < args.batch_size:
-            more = list(range(len(train)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[:args.batch_size], order[args.batch_size:]
-        samples = [Sample(prompt_ids=enc[i][0], completion_ids=comps[i], group=0, row=i,
-                          prompt_inputs=enc[i][1]) for i in idx]
-        bins = ffd_bins([s.num_tokens for s in samples], args.micro_batch_tokens)
-        batches = pack_bins(bins, samples)
-        attach_vision(batches, samples, adapter, model)
-        n_tok = sum(mb.num_loss_tokens for mb in batches)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for mb in batches:
-            hidden, weight = policy_hidden_states(model, mb)
-            logp = fused_logprobs(hidden, weight, mb.targets)
-            loss = -(logp * (mb.targets != -100)).sum() / n_tok
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            probe = ""
-            if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1):
-                probe = f"  teacher-forced bar reading {teacher_forced_reading(model, tok, adapter, evals, eval_enc):.2f}"
-            print(f"sft step {step:4d}  loss {total:.4f}{probe}  ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    _train(model, tok, adapter, enc, comps, evals, eval_enc, args, t0)
     model.eval()
     after = evaluate_charts(model, tok, adapter, evals)
     print(json.dumps({"task": "charts", "sft_steps": args.steps, "params": n,
