@@ -474,7 +474,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               gather_entropies=None, off_policy_mask_threshold: float | None = None,
               sampling_logp=None, bias_correction_kl: bool = False,
               entropy_mean_divisor: float | None = None,
-              ignore_index: int = -100, backend: str = "auto", one_pass: bool | None = None):
+              ignore_index: int = -100, backend: str = "auto", one_pass: bool | None = None,
+              vocab_parallel_group=None):
     """Clipped StepGRPO/GRPO policy loss straight from hidden states.
 
     Layouts:
@@ -525,6 +526,9 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             ratio; no EGSW, entropy quantile, off-policy mask or VESPO: those couple tokens
             and keep the two-pass path).  ``None``: on for the torch backend on CPU, where it
             measures faster; ``False`` forces the two-pass path.
+        vocab_parallel_group: the vocabulary is split over this process group: ``weight`` is
+            this rank's rows, ``hidden`` and everything else the same on every rank, targets
+            global ids (``fused_logprobs``'s argument; always the two-pass path).
 
     Returns:
         ``(loss, metrics)``: a float32 scalar differentiable w.r.t. ``hidden`` and ``weight``,
@@ -580,7 +584,12 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if not 0 <= top_entropy_quantile <= 1:
         raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile!r}")
 
-    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend)
+    vocab = start = None
+    if vocab_parallel_group is not None:
+        from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_range
+        check_vocab_parallel(weight, backend)
+        start, _, vocab = vocab_range(weight, vocab_parallel_group)
+    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend, vocab)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         backend = "torch"  # the reference is a test oracle for fused_logprobs only
@@ -621,7 +630,12 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     need_w = torch.is_grad_enabled() and w.requires_grad
     if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
         one_pass = backend == "torch" and not h.is_cuda
-    if one_pass and objective.token_local and (need_h or need_w):
+    if vocab_parallel_group is not None:   # the objective on the gathered [M] statistics
+        from fastgrpo.ops.vocab_parallel import vocab_parallel_logprobs
+        logp, ent = vocab_parallel_logprobs(h_tok, w, y_tok, 1.0 / float(temperature), backend,
+                                            vocab_parallel_group, start)
+        loss = objective(logp, ent)
+    elif one_pass and objective.token_local and (need_h or need_w):
         loss = _OnePassGRPO.apply(h_tok, w, y_tok, 1.0 / float(temperature), objective,
                                   need_h, need_w)
     else:
