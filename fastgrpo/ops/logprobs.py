@@ -43,6 +43,8 @@ import os
 
 import torch
 
+from fastgrpo.ops.sharded import full_weight, sharded_grad
+
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
            "linear_one_pass", "BACKENDS", "validate_inputs", "resolve_backend"]
 
@@ -387,7 +389,8 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, y, inv_t, backend):
-        logp, ent, lse = linear_forward(h, w, y, inv_t, backend)
+        # w: a plain weight, or an FSDP2-sharded DTensor gathered per pass (ops/sharded.py)
+        logp, ent, lse = linear_forward(h, full_weight(w), y, inv_t, backend)
         ctx.save_for_backward(h, w, y, lse, ent)
         ctx.inv_t, ctx.backend = inv_t, backend
         return logp, ent
@@ -397,9 +400,9 @@ class _FusedLogprobs(torch.autograd.Function):
         h, w, y, lse, ent = ctx.saved_tensors
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         ge = None if g_ent is None else g_ent.float().contiguous()
-        dh, dw = linear_backward(h, w, y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
+        dh, dw = linear_backward(h, full_weight(w), y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None, None, None
+        return dh, sharded_grad(dw, w), None, None, None
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
