@@ -116,3 +116,39 @@ def _check(rank, world, tied):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_fsdp2_sharded_lm_head_equals_one_process(tied):
     mp.spawn(_worker, args=(2, _free_port(), tied), nprocs=2, join=True)
+
+
+ZERO3 = r'''
+import os, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+import deepspeed
+from fastgrpo import fused_logprobs
+deepspeed.init_distributed(dist_backend="gloo")
+head = torch.nn.Linear(16, 40, bias=False)
+cfg = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}},
+       "zero_allow_untested_optimizer": True,
+       "optimizer": {{"type": "SGD", "params": {{"lr": 0.1}}}}}}
+engine, *_ = deepspeed.initialize(model=head, config=cfg, model_parameters=head.parameters())
+w = engine.module.weight                       # read outside the forward: partitioned
+try:
+    fused_logprobs(torch.randn(3, 16), w, torch.tensor([1, 2, 3]))
+except ValueError as e:
+    print("REFUSED:", e)
+'''
+
+
+def test_deepspeed_zero3_partitioned_weight_is_refused(tmp_path):
+    """Where DeepSpeed installs (CI's peers environment; it runs ZeRO-3 on CPU with gloo), a
+    ZeRO-3 partitioned lm_head weight is refused with an error naming it."""
+    import subprocess
+    import sys
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "zero3.py"
+    script.write_text(ZERO3.format(port=_free_port()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "REFUSED: weight is a DeepSpeed ZeRO-3 partitioned parameter (full shape (40, 16)" \
+        in r.stdout, r.stdout[-2000:]

@@ -43,7 +43,7 @@ import os
 
 import torch
 
-from fastgrpo.ops.sharded import full_weight, sharded_grad
+from fastgrpo.ops.sharded import full_weight, refuse_partitioned, sharded_grad
 
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
            "linear_one_pass", "BACKENDS", "validate_inputs", "resolve_backend"]
@@ -89,6 +89,7 @@ def validate_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got "
                         f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+    refuse_partitioned(weight)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)}")

@@ -18,7 +18,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_dtensor", "full_weight", "sharded_grad"]
+__all__ = ["is_dtensor", "full_weight", "sharded_grad", "refuse_partitioned"]
+
+
+def refuse_partitioned(w) -> None:
+    """A DeepSpeed ZeRO-3 partitioned parameter (read outside its module's forward, it holds no
+    data) is refused by name: the op does not gather ZeRO-3 partitions."""
+    if hasattr(w, "ds_id") and getattr(w, "ds_status", None) is not None \
+            and w.numel() != getattr(w, "ds_numel", w.numel()):
+        raise ValueError(f"weight is a DeepSpeed ZeRO-3 partitioned parameter (full shape "
+                         f"{tuple(getattr(w, 'ds_shape', ()))}, holding {w.numel()} elements "
+                         f"here): fastgrpo's fused op does not gather ZeRO-3 partitions; use "
+                         f"FSDP2 (accelerate fsdp_version 2) or ZeRO-1/2, or pass the weight "
+                         f"gathered (deepspeed.zero.GatheredParameters) for forward-only use")
 
 
 def is_dtensor(w) -> bool:
