@@ -143,7 +143,8 @@ def test_deepspeed_zero3_partitioned_weight_is_refused(tmp_path):
     ZeRO-3 partitioned lm_head weight is refused with an error naming it."""
     import subprocess
     import sys
-    pytest.importorskip("deepspeed")
+    if os.environ.get("FASTGRPO_REQUIRE_PEERS") != "1":   # CI's peers leg: must run
+        pytest.importorskip("deepspeed")
     script = tmp_path / "zero3.py"
     script.write_text(ZERO3.format(port=_free_port()))
     env = dict(os.environ, OMP_NUM_THREADS="1")
