@@ -15,7 +15,9 @@ registers ``"fastgrpo"`` as one more ``impl_backend``: the same patched forward,
     +actor_rollout_ref.model.fused_kernel_options.impl_backend=fastgrpo
 
 (or ``import fastgrpo.integrations.verl`` / :func:`install` in a process that builds verl's
-engine itself).  Everything else, the policy loss included, is verl's own code.  verl's other
+engine itself).  Tested with verl's FSDP2 engine on a dense model (``tests/test_verl_actor.py``);
+the VL forwards make the same ``FusedLinearForPPO`` call but verl 0.9.1's ``qwen2_vl.py`` does
+not import with transformers >= 5.11, so they are untested here.  Everything else, the policy loss included, is verl's own code.  verl's other
 backends (``torch``, ``triton``, ``liger``) are untouched.
 
 Refused: the triton-only ``calculate_sum_pi_squared`` and per-sample temperatures are refused by
