@@ -21,7 +21,10 @@ What is stubbed, and why it cannot touch the numbers (the same for every arm com
 * the process group is initialized (gloo, one rank) before verl would ask for NCCL.
 * ``monkey_patch.is_trl_available`` returns False: it only guards a ``state_dict`` patch on TRL's
   value-head class (absent from TRL 1.16, which the dev extra installs), a model not used here.
-* attention is ``sdpa`` (``override_config``) since flash-attn cannot install on CPU.
+* attention is ``sdpa`` (``override_config``) since flash-attn cannot install on CPU, and
+  ``USE_HUB_KERNELS=0`` keeps transformers from "kernelizing" the meta-device model verl builds
+  on ranks > 0 (which it refuses: "Unsupported device type 'meta'"); on CPU there are no hub
+  kernels to use anyway.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def _model_dir(path, tied):
     _tiny_tokenizer().save_pretrained(path)
 
 
-def _batch(step):
+def _batch(step, rows=slice(None)):
     """A verl rollout batch (left-padded prompts, right-padded responses) as the trainer's
     ``left_right_2_no_padding`` hands it to the actor."""
     from tensordict import TensorDict
@@ -132,10 +135,10 @@ def _batch(step):
                      "ref_log_prob": -4.5 + 0.3 * torch.randn(b, r, generator=g),
                      "advantages": torch.randn(b, 1, generator=g).expand(b, r).contiguous()},
                     batch_size=[b])
-    return left_right_2_no_padding(td)
+    return left_right_2_no_padding(td[rows])
 
 
-def _run_arm(model_dir, arm, layout):
+def _run_arm(model_dir, arm, layout, rows=slice(None)):
     """One verl TrainingWorker: log-probs / entropies of a batch, then STEPS PPO updates."""
     from functools import partial
 
@@ -169,7 +172,7 @@ def _run_arm(model_dir, arm, layout):
     worker.set_loss_fn(partial(ppo_loss, config=actor))
 
     out = {}
-    td = _batch(0)
+    td = _batch(0, rows)
     tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False, temperature=0.9)
     res = worker.infer_batch(td)
     out["log_probs"] = no_padding_2_padding(tu.get(res, "log_probs"), td).float()
@@ -185,7 +188,7 @@ def _run_arm(model_dir, arm, layout):
         return step_fn()
     worker.engine.optimizer_step = optimizer_step
     for step in range(STEPS):
-        td = _batch(step)
+        td = _batch(step, rows)
         tu.assign_non_tensor(td, calculate_entropy=True, global_batch_size=4, mini_batch_size=4,
                              epochs=1, seed=1, dataloader_kwargs={"shuffle": False},
                              compute_loss=True, temperature=0.9)
@@ -205,21 +208,48 @@ def _run_arm(model_dir, arm, layout):
     return out
 
 
-def main(model_dir, result_path, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", VERL_ENGINE_DEVICE="cuda")
+def _setup(rank, world, port):
+    """The process's verl environment (see the module docstring), and a list recording the
+    type of each weight verl's actor hands fastgrpo."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      VERL_ENGINE_DEVICE="cuda", USE_HUB_KERNELS="0")
     torch.set_num_threads(1)
     from verl.plugin.platform.platform_manager import set_platform
     set_platform(_cpu_platform())
     import torch.distributed as dist
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     import verl.models.transformers.monkey_patch as verl_patch
     verl_patch.is_trl_available = lambda: False
 
     import fastgrpo.integrations.verl as fv             # registers impl_backend="fastgrpo"
     calls = []
     real = fv.fused_logprobs
-    fv.fused_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
+    fv.fused_logprobs = lambda *a, **k: calls.append(type(a[1]).__name__) or real(*a, **k)
+    return calls
+
+
+def _rank_main(rank, world, port, model_dir, result_path):
+    """One of two data-parallel ranks: half the batch each, untied (FSDP-sharded) lm_head."""
+    import torch.distributed as dist
+    calls = _setup(rank, world, port)
+    half = 4 // world
+    res = _run_arm(f"{model_dir}-untied", "fastgrpo", "rmpad",
+                   rows=slice(rank * half, (rank + 1) * half))
+    res["weight_types"] = sorted(set(calls))
+    if rank == 0:
+        torch.save(res, result_path)
+    dist.destroy_process_group()
+
+
+def main_two_ranks(model_dir, result_path, port):
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_main, args=(2, port, model_dir, result_path), nprocs=2, join=True)
+
+
+def main(model_dir, result_path, port):
+    import torch.distributed as dist
+    calls = _setup(0, 1, port)
     from transformers import Qwen2ForCausalLM
     original_forward = Qwen2ForCausalLM.forward   # verl patches the class: one model a process
     results = {}
@@ -256,7 +286,14 @@ def verl_results(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return torch.load(d / "out.pt")
+    results = torch.load(d / "out.pt")
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_verl_actor as t; "
+            f"t.main_two_ranks({str(d / 'model')!r}, {str(d / 'two.pt')!r}, {_free_port()})")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results["two_ranks"] = torch.load(d / "two.pt")
+    return results
 
 
 def _close(a, b, what, rel=2e-5):
@@ -285,3 +322,15 @@ def test_verl_actor_with_fastgrpo_equals_verl(verl_results, tied, layout):
     assert any(float((fast[k] - fast[k.replace("/0", f"/{STEPS - 1}")]).abs().max()) > 1e-4
                for k in first)
     assert len([k for k in fast if k.startswith("grad/")]) >= 10
+
+
+def test_verl_two_ranks_equal_one_rank(verl_results):
+    """Two data-parallel ranks of verl's actor, half the batch each, the untied lm_head an FSDP
+    unit of its own (so fastgrpo receives the sharded DTensor and returns a sharded gradient):
+    the gradients and parameters over the PPO updates equal the one-rank run."""
+    two, one = verl_results["two_ranks"], verl_results[(False, "rmpad", "fastgrpo")]
+    assert "DTensor" in two["weight_types"], two["weight_types"]
+    keys = [k for k in one if k.startswith(("param/", "grad/"))]
+    assert len(keys) > 20
+    for key in keys:
+        _close(two[key], one[key], f"2 ranks vs 1: {key}")
