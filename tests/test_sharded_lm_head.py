@@ -6,22 +6,15 @@ adapter reads it), each rank half the batch; the loss and every parameter's grad
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastgrpo import fused_logprobs, grpo_loss
+from gloo_helpers import free_port, spawn_gloo
 
 VOCAB, B, T = 96, 4, 10
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(tied):
@@ -62,16 +55,6 @@ def _loss(model, ids, attn, mask, adv, old, weight_of):
     logp, ent = fused_logprobs(hidden, weight, torch.where(mask.bool(), targets, -100),
                                return_entropy=True)
     return loss + loss_tl + 0.01 * (ent.sum() + logp.sum()) / ids.shape[0], weight
-
-
-def _worker(rank, world, port, tied):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _check(rank, world, tied)
-    finally:
-        dist.destroy_process_group()
 
 
 def _check(rank, world, tied):
@@ -115,7 +98,7 @@ def _check(rank, world, tied):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_fsdp2_sharded_lm_head_equals_one_process(tied):
-    mp.spawn(_worker, args=(2, _free_port(), tied), nprocs=2, join=True)
+    spawn_gloo(_check, 2, tied)
 
 
 ZERO3 = r'''
@@ -146,7 +129,7 @@ def test_deepspeed_zero3_partitioned_weight_is_refused(tmp_path):
     if os.environ.get("FASTGRPO_REQUIRE_PEERS") != "1":   # CI's peers leg: must run
         pytest.importorskip("deepspeed")
     script = tmp_path / "zero3.py"
-    script.write_text(ZERO3.format(port=_free_port()))
+    script.write_text(ZERO3.format(port=free_port()))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
                        timeout=300)

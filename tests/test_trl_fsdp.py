@@ -15,23 +15,17 @@ is the trainer's own code.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gloo_helpers import free_port
 from test_integrations import _batch, _tiny_llama, _tiny_tokenizer, _trainer
 
 FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
                                             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(d):
@@ -104,5 +98,5 @@ def test_trl_fsdp2_equals_one_process(tmp_path, wrap, loss_type):
     ref = _loss_and_grads(tr, tr.model, _batch())
     assert float(ref[0]) != 0 and all(float(g.abs().max()) > 0 for g in ref[1].values())
     torch.save(ref, tmp_path / "ref.pt")
-    mp.spawn(_worker, args=(2, _free_port(), d, loss_type, wrap, str(tmp_path / "ref.pt")),
+    mp.spawn(_worker, args=(2, free_port(), d, loss_type, wrap, str(tmp_path / "ref.pt")),
              nprocs=2, join=True)

@@ -30,12 +30,13 @@ What is stubbed, and why it cannot touch the numbers (the same for every arm com
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from gloo_helpers import free_port
 
 REQUIRE = os.environ.get("FASTGRPO_REQUIRE_PEERS") == "1"
 ARMS = ("fastgrpo", "torch", "logits")   # impl_backend, or verl's plain logits path
@@ -53,12 +54,6 @@ def _verl_importable():
     except Exception as e:  # noqa: BLE001 - any import failure means "not installed here"
         return f"verl's engine not importable ({type(e).__name__}: {e})"
     return None
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- subprocess side
@@ -282,13 +277,13 @@ def verl_results(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     code = (f"import sys; sys.path.insert(0, {here!r}); import test_verl_actor as t; "
-            f"t.main({str(d / 'model')!r}, {str(d / 'out.pt')!r}, {_free_port()})")
+            f"t.main({str(d / 'model')!r}, {str(d / 'out.pt')!r}, {free_port()})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = torch.load(d / "out.pt")
     code = (f"import sys; sys.path.insert(0, {here!r}); import test_verl_actor as t; "
-            f"t.main_two_ranks({str(d / 'model')!r}, {str(d / 'two.pt')!r}, {_free_port()})")
+            f"t.main_two_ranks({str(d / 'model')!r}, {str(d / 'two.pt')!r}, {free_port()})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -3,24 +3,16 @@ the lm_head's rows (uneven splits), the results equal the 1-process op and the f
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastgrpo import fused_logprobs, grpo_loss
 from fastgrpo.ops.logprobs import naive_logprobs
+from gloo_helpers import spawn_gloo
 
 N_ROWS, D, V = 37, 24, 203   # V prime: no split is even
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _splits(world):
@@ -49,16 +41,6 @@ def _close(a, b, what, rtol=1e-5, scale=1e-5):
     over the vocabulary cancel, so small entries carry the large ones' rounding)."""
     atol = scale * float(b.abs().max()) if b.numel() else 0.0
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def _worker(rank, world, port, seed):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _check(rank, world, seed)
-    finally:
-        dist.destroy_process_group()
 
 
 def _check(rank, world, seed):
@@ -126,7 +108,7 @@ def _check(rank, world, seed):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_equals_one_process(world):
-    mp.spawn(_worker, args=(world, _free_port(), 10 + world), nprocs=world, join=True)
+    spawn_gloo(_check, world, 10 + world)
 
 
 def test_vocab_parallel_needs_a_process_group():
