@@ -3,6 +3,7 @@ the lm_head's rows (uneven splits), the results equal the 1-process op and the f
 
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -115,3 +116,31 @@ def test_vocab_parallel_needs_a_process_group():
     h, w, y, _, _ = _inputs(0)
     with pytest.raises(RuntimeError, match="init_process_group"):
         fused_logprobs(h, w, y, vocab_parallel_group=object())
+
+
+def _check_triton(rank, world):
+    """The triton backend's kernels (interpreted on CPU) on each shard, against the 1-process
+    torch op; triton is imported here first, with the interpreter on."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    h, w, y, _, _ = _inputs(3)
+    sizes = _splits(world)
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    gl = torch.randn(N_ROWS, generator=torch.Generator().manual_seed(4))
+
+    def run(weight, **kw):
+        hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = fused_logprobs(hh, ww, y, return_entropy=True, **kw)
+        ((logp * gl).sum() + ent.sum()).backward()
+        return logp.detach(), ent.detach(), hh.grad, ww.grad
+
+    tri = run(w[rows], backend="triton", vocab_parallel_group=dist.group.WORLD)
+    one = run(w, backend="torch")
+    for name, a, b in zip(("logp", "entropy", "d hidden", "d weight"), tri,
+                          (one[0], one[1], one[2], one[3][rows])):
+        _close(a, b, f"triton shard: {name}")
+
+
+def test_vocab_parallel_triton_backend():
+    pytest.importorskip("triton")
+    spawn_gloo(_check_triton, 2)
