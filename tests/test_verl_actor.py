@@ -329,3 +329,43 @@ def test_verl_two_ranks_equal_one_rank(verl_results):
     assert len(keys) > 20
     for key in keys:
         _close(two[key], one[key], f"2 ranks vs 1: {key}")
+
+
+CONFIG_CHECK = r'''
+import os, sys
+from hydra import compose, initialize_config_dir
+import verl.trainer.config
+sys.path.insert(0, {here!r})
+import test_verl_actor
+test_verl_actor._model_dir({model!r}, tied=False)
+with initialize_config_dir(config_dir=os.path.dirname(verl.trainer.config.__file__),
+                           version_base=None):
+    cfg = compose("ppo_trainer", overrides=[
+        "actor_rollout_ref.model.path={model}",
+        "actor_rollout_ref.model.external_lib=fastgrpo.integrations.verl",
+        "actor_rollout_ref.model.use_fused_kernels=True",
+        "actor_rollout_ref.model.fused_kernel_options.impl_backend=fastgrpo"])
+assert "fastgrpo.integrations.verl" not in sys.modules
+from verl.utils.config import omega_conf_to_dataclass
+from verl.utils.experimental.torch_functional import FusedLinearForPPO
+model_config = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)   # what each worker builds
+print("REGISTERED", "fastgrpo.integrations.verl" in sys.modules,
+      getattr(FusedLinearForPPO, "_fastgrpo_installed", False),
+      model_config.use_fused_kernels, model_config.fused_kernel_options["impl_backend"])
+'''
+
+
+def test_verl_config_values_register_the_backend(tmp_path):
+    """The three config values of docs/scaling.md, through verl's own hydra config and the
+    HFModelConfig each worker builds, import fastgrpo's module and register the backend."""
+    why = _verl_importable()
+    if why:
+        if REQUIRE:
+            pytest.fail(f"FASTGRPO_REQUIRE_PEERS=1 but {why}")
+        pytest.skip(why)
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = CONFIG_CHECK.format(here=here, model=str(tmp_path / "model"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "REGISTERED True True True fastgrpo" in proc.stdout, proc.stdout[-2000:]

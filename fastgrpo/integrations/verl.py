@@ -12,7 +12,7 @@ registers ``"fastgrpo"`` as one more ``impl_backend``: the same patched forward,
 
     actor_rollout_ref.model.external_lib=fastgrpo.integrations.verl   # imported in every worker
     actor_rollout_ref.model.use_fused_kernels=True
-    +actor_rollout_ref.model.fused_kernel_options.impl_backend=fastgrpo
+    actor_rollout_ref.model.fused_kernel_options.impl_backend=fastgrpo
 
 (or ``import fastgrpo.integrations.verl`` / :func:`install` in a process that builds verl's
 engine itself).  Tested with verl's FSDP2 engine on a dense model (``tests/test_verl_actor.py``);
