@@ -17,6 +17,11 @@ PUBLIC_TRAINER = {"task", "config", "evaluation", "rollout", "sample", "packing"
 # old module paths kept for one release as re-exports of the task packages (not core)
 DEPRECATED = {"fastgrpo.trainer.tasks", "fastgrpo.trainer.multiturn", "fastgrpo.trainer.routing_sft"}
 MAX_CODE_LINES = 80
+# circles known and tolerated for now, each with its way out: fused_logprobs / grpo_loss import
+# the vocab-parallel path inside the function, which imports the block functions back
+# (linear_forward / linear_backward); issue 25 rewrites those functions in ops/logprobs.py, and
+# once it is merged they move to a module of their own (then this list is empty again)
+KNOWN_CIRCLES = [["fastgrpo.ops.logprobs", "fastgrpo.ops.vocab_parallel"]]
 
 
 def _module_name(path: Path) -> str:
@@ -139,7 +144,24 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_no_import_circles():
-    assert _cycles(_graph()) == []
+    assert _cycles(_graph()) == KNOWN_CIRCLES
+
+
+def test_known_circles_are_not_circles_at_import_time():
+    """Counting only module-level imports, a known circle is none (each import in it that
+    closes the circle sits inside a function)."""
+    top = {}
+    for m in MODULES:
+        tree = ast.parse(MODULES[m].read_text())
+        targets = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom):
+                targets.add(_resolve(m, node))
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        top[m] = {t for t in targets if t in MODULES and t != m}
+    for circle in KNOWN_CIRCLES:
+        assert _cycles({m: top[m] & set(circle) for m in circle}) == []
 
 
 def test_core_never_imports_a_task():
