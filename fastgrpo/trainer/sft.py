@@ -22,7 +22,7 @@ from fastgrpo.trainer.config import ConfigError
 from fastgrpo.trainer.packing import pack_sequences
 from fastgrpo.trainer.task import load_task
 
-__all__ = ["sft_sequences", "check_args", "main"]
+__all__ = ["sft_sequences", "warmup_parser", "check_args", "main"]
 
 
 def sft_sequences(model, prompts: list[list[int]], comps: list[list[int]], *, steps: int,
@@ -65,6 +65,27 @@ def sft_sequences(model, prompts: list[list[int]], comps: list[list[int]], *, st
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"sft step {step:4d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
     return losses
+
+
+def warmup_parser(prog: str, description: str, *, task: str, steps: int, batch_size: int,
+                  eval_size: int, eval_help: str, seed_help: str = "seed for data, init and order",
+                  threads_help: str = "torch CPU threads (0 keeps torch's default)") -> argparse.ArgumentParser:
+    """The command line every task's warm-up shares (``--out``, the model's size, the optimizer,
+    the held-out eval); a task adds its own options and checks them with :func:`check_args`."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--task", default=task, help="the task to warm up (fastgrpo.tasks.NAME or module.path:TASK)")
+    ap.add_argument("--out", required=True, help="output directory (model + tokenizer)")
+    ap.add_argument("--seed", type=int, default=0, help=seed_help)
+    ap.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=batch_size, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    ap.add_argument("--hidden-size", type=int, default=128, help="model width")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads")
+    ap.add_argument("--eval-size", type=int, default=eval_size, help=eval_help)
+    ap.add_argument("--threads", type=int, default=1, help=threads_help)
+    return ap
 
 
 def check_args(ap: argparse.ArgumentParser, args) -> None:

@@ -23,7 +23,6 @@ other core, 2026-12-06).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -37,7 +36,7 @@ from fastgrpo.tasks.arithmetic.tokenizer import build_tokenizer
 from fastgrpo.tasks.tiny_model import build_tiny_model
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer.rollout import generate
-from fastgrpo.trainer.sft import check_args, sft_sequences
+from fastgrpo.trainer.sft import check_args, sft_sequences, warmup_parser
 
 __all__ = ["sft", "greedy_accuracy", "main"]
 
@@ -72,22 +71,13 @@ def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = MAX_NEW_TOKENS
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m fastgrpo.sft [--task arithmetic] --out DIR``."""
-    ap = argparse.ArgumentParser(prog="python -m fastgrpo.sft", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--task", default="arithmetic", help="the task to warm up (fastgrpo.tasks.NAME or module.path:TASK)")
-    ap.add_argument("--out", required=True, help="output directory (model + tokenizer)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for data, init and order")
-    ap.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    ap.add_argument("--hidden-size", type=int, default=128, help="model width")
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers")
-    ap.add_argument("--heads", type=int, default=4, help="attention heads")
-    ap.add_argument("--eval-size", type=int, default=200, help="held-out problems for the final greedy eval")
+    ap = warmup_parser("python -m fastgrpo.sft", __doc__.split("\n")[0], task="arithmetic", steps=500,
+                       batch_size=32, eval_size=200,
+                       eval_help="held-out problems for the final greedy eval",
+                       threads_help="torch CPU threads (1 is fastest for the tiny model; 0 keeps "
+                                    "torch's default)")
     ap.add_argument("--skip-double-prob", type=float, default=0.6,
                     help="probability that a warm-up solution ignores its 'doubles' sentence")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 is fastest for the tiny model; 0 keeps torch's default)")
     args = ap.parse_args(argv)
     check_args(ap, args)
     if not 0.0 <= args.skip_double_prob <= 1.0:

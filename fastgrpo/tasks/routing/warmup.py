@@ -24,7 +24,6 @@ The shipped checkpoint ``fastgrpo/tasks/routing/checkpoint`` was built with exac
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -41,7 +40,7 @@ from fastgrpo.tasks.routing.rewards import offline_metrics
 from fastgrpo.tasks.tiny_model import build_tiny_model
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer.rollout import generate
-from fastgrpo.trainer.sft import check_args, sft_sequences
+from fastgrpo.trainer.sft import check_args, sft_sequences, warmup_parser
 
 __all__ = ["routing_warmup_data", "main"]
 
@@ -90,23 +89,13 @@ def _evaluate(model, tokenizer, kbs_paths, n_eval: int, max_new_tokens: int = 40
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m fastgrpo.sft --task routing",
-                                 description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--task", default="routing", help="routing (this warm-up)")
-    ap.add_argument("--out", required=True, help="output directory (model + tokenizer)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for init and order (the world is seed 0's)")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    ap.add_argument("--hidden-size", type=int, default=128, help="model width")
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers")
-    ap.add_argument("--heads", type=int, default=4, help="attention heads")
+    ap = warmup_parser("python -m fastgrpo.sft --task routing", __doc__.split("\n")[0], task="routing",
+                       steps=300, batch_size=16, eval_size=30,
+                       eval_help="held-out questions for the final greedy eval (0: none)",
+                       seed_help="seed for init and order (the world is seed 0's)")
     ap.add_argument("--kb-noise", type=float, default=0.5,
                     help="probability that a warm-up table lookup is sent to the text KB")
     ap.add_argument("--no-online", action="store_true", help="offline step states only (no trajectories)")
-    ap.add_argument("--eval-size", type=int, default=30, help="held-out questions for the final greedy eval (0: none)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 keeps torch's default)")
     args = ap.parse_args(argv)
     check_args(ap, args)
     if not 0.0 <= args.kb_noise <= 1.0:
