@@ -26,6 +26,8 @@ def check_prompt(where: str, prompt, chat: bool = True):
     """A prompt is a string, or (``chat``) a non-empty list of ``{"role", "content"}`` messages
     with string content; returns it, or raises ``DataError`` naming ``where``."""
     if isinstance(prompt, str):
+        if not prompt.strip():  # e.g. a CSV's empty cell
+            raise DataError(f"{where}: field 'prompt' is empty")
         return prompt
     if chat and isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)

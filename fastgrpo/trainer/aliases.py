@@ -88,11 +88,11 @@ def translate_key(key: str, value, fields, where: str = ""):
     from fastgrpo.trainer.config import ConfigError
     name = key.replace("-", "_")
     prefix = f"{where}: " if where else ""
-    if name in fields:
-        return name, value
     if name in ALIASES:
         target, conv = ALIASES[name]
         return target, value if conv is None else conv(value)
+    if name in fields:
+        return name, value
     if name in REFUSED:
         raise ConfigError(prefix + _refusal(key, name))
     raise ConfigError(f"{prefix}unknown key {key!r}{_nearest(name, fields)} (valid keys: "
@@ -114,13 +114,9 @@ def translate_argv(argv: list[str], fields) -> list[str]:
         if a == "--":
             out += argv[i:]
             break
-        if not a.startswith("--") or a in known:
-            out.append(a)
-            i += 1
-            continue
         flag, eq, val = a.partition("=")
         name = flag[2:].replace("-", "_")
-        if flag in known:
+        if not a.startswith("--") or (flag in known and name not in ALIASES):
             out.append(a)
         elif name in ALIASES:
             target, conv = ALIASES[name]

@@ -139,7 +139,8 @@ class TrainConfig:
     # logging and eval
     eval_every: int = _f(20, "held-out greedy eval every N steps (0: only before and after)")
     eval_size: int = _f(200, "held-out problems per eval")
-    sample_every: int = _f(10, "print a sampled completion every N steps (0: never)")
+    sample_every: int = _f(10, "print (and log to samples.jsonl) a sampled completion at the first step and every "
+                           "N steps (0: never)")
     plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
     save: bool = _f(True, "save the final model to <out_dir>/model")
     progress: bool = _f(True, "progress bar on stderr")
