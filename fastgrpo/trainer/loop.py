@@ -169,7 +169,8 @@ def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
         default = default_reward_set() if layout is None else default_reward_set(layout=layout)
         base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
     funcs, weights = dict(base.funcs), dict(base.weights)
-    for name in default.funcs:  # accuracy, step_rvr, step_k / answer_found: always logged
+    logged = ("accuracy", "answer_found") if layout == FREE else ("accuracy", "step_rvr", "step_k")
+    for name in logged:  # always computed: the logs and the held-out eval read them
         if name not in funcs:
             funcs[name], weights[name] = default.funcs[name], 0.0
     for spec in cfg.reward:
