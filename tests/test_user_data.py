@@ -16,29 +16,15 @@ from fastgrpo.rewards.answer import answers_match, gold_answer
 from fastgrpo.rewards.free import free_accuracy_reward, free_answer, free_reward_set
 from fastgrpo.tasks.data import DataError, load_jsonl, write_jsonl
 from fastgrpo.trainer.config import ConfigError, load_config_file, parse_args
-from fastgrpo.trainer.loop import main
+from test_run_safety import _main  # main() with the fast options, (exit code, out, err)
 
 datasets = pytest.importorskip("datasets")
-
-FAST = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-        "--eval-size", "1", "--eval-every", "0", "--sample-every", "0", "--no-plot", "--no-progress",
-        "--device", "cpu", "--threads", "1"]
 
 ROWS = [{"question": "Tom has 3 apples and buys 4 more. How many apples?",
          "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7", "level": 1},
         {"question": "A box holds 12 pens; 5 are taken. How many are left?",
          "answer": "12 - 5 = 7 pens are left, then 7 * 2 = 14.\n#### 14", "level": 2},
         {"question": "What is 1,000 + 234?", "answer": "#### 1,234", "level": 3}]
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([*FAST, *argv])
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _write(fmt: str, rows: list[dict], d: Path) -> Path:

@@ -138,7 +138,7 @@ class TrainConfig:
     mask_truncated: bool = _f(True, "exclude completions that hit --max-new-tokens from the loss")
     # logging and eval
     eval_every: int = _f(20, "held-out greedy eval every N steps (0: only before and after)")
-    eval_size: int = _f(200, "held-out problems per eval")
+    eval_size: int = _f(200, "held-out problems per eval (0: no held-out evaluation)")
     sample_every: int = _f(10, "print (and log to samples.jsonl) a sampled completion at the first step and every "
                            "N steps (0: never)")
     plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
