@@ -343,3 +343,16 @@ def test_gsm8k_parquet_run_free_layout_no_eval_first_sample_and_saved_options(tm
     code, _, err = _main(capsys, "--train-file", str(path), "--prompt-column", "question",
                          "--layout", "free", "--rewards", "step_rar", "--out-dir", str(tmp_path / "q"))
     assert code == 2 and "error: " in err and "needs a layout with steps" in err
+
+
+def test_image_columns_of_a_parquet_file_arrive_as_pil_images(tmp_path):
+    from PIL import Image
+    imgs = [Image.new("RGB", (4 + i, 3), (10 * i, 20, 30)) for i in range(2)]
+    ds = datasets.Dataset.from_dict({"q": ["What colour?", "How wide?"], "answer": ["red", "5"],
+                                     "picture": imgs}, features=datasets.Features(
+        {"q": datasets.Value("string"), "answer": datasets.Value("string"), "picture": datasets.Image()}))
+    ds.to_parquet(str(tmp_path / "vl.parquet"))
+    rows = load_jsonl(tmp_path / "vl.parquet", columns={"prompt": "q", "image": "picture"})
+    for r, im in zip(rows, imgs):
+        assert hasattr(r["image"], "convert") and r["image"].size == im.size
+        assert r["image"].convert("RGB").getpixel((0, 0)) == im.getpixel((0, 0))
