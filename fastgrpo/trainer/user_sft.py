@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--min-lr-ratio", type=float, default=0.1, help="final learning rate / --lr (cosine)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    a("--micro-batch-tokens", type=int, default=2048, help="token budget of one packed micro-batch")
+    a("--micro-batch-tokens", type=int, default=1024, help="token budget of one packed micro-batch "
+                                                           "(CPU: small rows keep attention cheap)")
     a("--max-seq-len", type=int, default=0, help="cut longer targets (0: the model's positions)")
     a("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0, help="LoRA alpha")
