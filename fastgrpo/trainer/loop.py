@@ -77,8 +77,9 @@ from typing import Callable
 import torch
 
 from fastgrpo.ops.advantages import constant_groups, group_advantages
-from fastgrpo.rewards import (TAG_LAYOUT, RewardError, RewardResult, RewardSet, default_reward_set,
+from fastgrpo.rewards import (RewardError, RewardResult, RewardSet, default_reward_set,
                               load_reward_function, reward_set_from_spec)
+from fastgrpo.rewards.free import FREE, free_reward_set
 from fastgrpo.tasks.arithmetic import make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl
 from fastgrpo.tasks.tokenizer import encode_prompt
@@ -147,8 +148,9 @@ def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
         train, evals = chart_splits(0)  # images as PIL objects in each row's "image"
         return train, evals[:cfg.eval_size]
     if cfg.train_file or cfg.eval_file:
-        train = load_jsonl(cfg.train_file) if cfg.train_file else make_splits(cfg.seed)[0]
-        evals = load_jsonl(cfg.eval_file) if cfg.eval_file else []
+        cols = cfg.columns()
+        train = load_jsonl(cfg.train_file, columns=cols) if cfg.train_file else make_splits(cfg.seed)[0]
+        evals = load_jsonl(cfg.eval_file, columns=cols) if cfg.eval_file else []
     else:
         train, evals = make_splits(0)  # the warm-up model was trained on split seed 0
     return train, evals[:cfg.eval_size]
@@ -160,10 +162,15 @@ def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
 
     ``accuracy``, ``step_rvr`` and ``step_k`` are always computed (weight 0 when the set lacks
     them): the logs and the held-out evaluation read them, whatever the training reward."""
-    default = default_reward_set() if layout is None else default_reward_set(layout=layout)
-    base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
+    if layout == FREE:  # no steps: accuracy (+ answer_found, logged), rewards/free.py
+        default = free_reward_set()
+        base = free_reward_set(cfg.rewards) if cfg.rewards else default
+    else:
+        default = default_reward_set() if layout is None else default_reward_set(layout=layout)
+        base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
     funcs, weights = dict(base.funcs), dict(base.weights)
-    for name in ("accuracy", "step_rvr", "step_k"):
+    logged = ("accuracy", "answer_found") if layout == FREE else ("accuracy", "step_rvr", "step_k")
+    for name in logged:  # always computed: the logs and the held-out eval read them
         if name not in funcs:
             funcs[name], weights[name] = default.funcs[name], 0.0
     for spec in cfg.reward:
@@ -209,10 +216,12 @@ def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: Tra
     else:
         prompts = [encode(tokenizer, r["prompt"]) for r in rows]
     ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
-                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, **vkw)
+                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                  stop=cfg.stop, **vkw)
     res = reward_set([r["prompt"] for r in rows], ro.texts, **_columns(rows, list(range(len(rows)))))
     stats = res.stats()
-    return {"accuracy": stats["accuracy"]["mean"], "validity": stats["step_rvr"]["mean"]}
+    valid = stats.get("step_rvr") or stats["answer_found"]  # the free layout: an answer was found
+    return {"accuracy": stats["accuracy"]["mean"], "validity": valid["mean"]}
 
 
 # ----------------------------------------------------------------------------- one run's state
@@ -355,17 +364,15 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     if cfg.beta > 0:  # peft model: learn.optimize disables its adapters (no copy)
         ref_model = model if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
     policy = wrap_model(model, device, strategy=cfg.dp_strategy)
-    layout = TAG_LAYOUT if preset is not None and preset.layout == "tag" else None
-    if layout is None and vision is not None:  # R1-VL's multimodal layout (Image Description)
-        from fastgrpo.rewards import R1VL_MULTIMODAL_LAYOUT as layout
+    from fastgrpo.trainer.prompting import make_encoder, resolve_layout, system_prompt
+    layout = resolve_layout(cfg.layout, preset, vision is not None)  # r1vl | tags | free
+    if layout == FREE and task.name != "routing":
+        task.metric_aliases = {**task.metric_aliases, "validity": "answer_found"}
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    encode = encode_prompt
-    if preset is not None and preset.use_chat_template:
-        from fastgrpo.trainer.presets import encode_chat_prompt
-
-        def encode(tok, text):
-            return encode_chat_prompt(tok, text, preset)
+    encode = make_encoder(system_prompt(cfg, preset))  # --system-prompt, a preset's, chat rows
+    if info.is_main:  # the resolved options this run trains with (a preset's, a task's applied)
+        (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     # greedy eval: rank 0 alone, except under FSDP2 where every rank runs it (forwards of
     # sharded modules must stay in step across ranks)
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
@@ -543,7 +550,7 @@ def _rollout(r: _Run, step: int) -> Rollout:
                 [r.train_rows[i] for i in mine], r.encode)[1]
             ro = r.engine.generate([r.prompt_ids(i) for i in mine], group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, do_sample=True, **vkw)
+                                   top_p=cfg.top_p, do_sample=True, **_sampling(cfg), **vkw)
             r.engine.sleep()
         except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
             if "probability tensor contains" not in str(e):
@@ -559,6 +566,15 @@ def _rollout(r: _Run, step: int) -> Rollout:
     for s in ro.samples:
         s.row = mine[s.group]
     return ro
+
+
+def _sampling(cfg: TrainConfig) -> dict:
+    """The sampling options besides temperature / top-p (only those set: every engine takes
+    the defaults)."""
+    out = {"top_k": cfg.top_k, "min_p": cfg.min_p, "repetition_penalty": cfg.repetition_penalty,
+           "stop": cfg.stop}
+    off = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "stop": []}
+    return {k: v for k, v in out.items() if v != off[k]}
 
 
 def _importance_weights(r: _Run, batches: list[MicroBatch], kept: list[Sample]) -> dict:
@@ -808,7 +824,7 @@ def _loop(r: _Run, log: RunLog, progress: Progress, signals: _Signals) -> None:
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             _evaluate_during(r, m, progress, step, signals)
         log.metrics(m)
-        if r.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+        if r.main and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step == r.start):
             _log_sample(r, log, progress, step, ro.samples[0])  # rank 0 generated the first group
         progress.update(step, f"reward {m['reward/mean']:.3f} acc {m['accuracy']:.2f}")
         saved = None
@@ -909,6 +925,7 @@ def _save_model(r: _Run, full_sd: dict | None) -> Path:
                 r.model.save_pretrained(tmp, **({} if full_sd is None else {"state_dict": full_sd}))
         with writing(tmp):
             r.tokenizer.save_pretrained(tmp)
+            (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
             if r.vision is not None:
                 r.vision.save(tmp)
 
