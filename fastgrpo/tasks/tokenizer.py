@@ -69,3 +69,16 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def __getattr__(name: str):
+    """Deprecated (one release): ``fastgrpo.tasks.tokenizer.build_tokenizer`` moved to
+    ``fastgrpo.tasks.arithmetic.build_tokenizer`` (the arithmetic task's vocabulary).  Resolved
+    when first asked for, so this toolkit module never imports a task."""
+    if name == "build_tokenizer":
+        import importlib
+        import warnings
+        warnings.warn("fastgrpo.tasks.tokenizer.build_tokenizer moved to "
+                      "fastgrpo.tasks.arithmetic.build_tokenizer", DeprecationWarning, stacklevel=2)
+        return importlib.import_module("fastgrpo.tasks.arithmetic.tokenizer").build_tokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,9 +24,12 @@ from fastgrpo.ops.advantages import SCALES
 from fastgrpo.ops.logprobs import BACKENDS
 from fastgrpo.ops.loss_config import LossConfig, LossConfigError
 from fastgrpo.rewards import RewardError, reward_set_from_spec
+from fastgrpo.trainer.aliases import translate_argv, translate_key
 from fastgrpo.trainer.attention import ALIASES as ATTENTION_ALIASES
 from fastgrpo.trainer.attention import BACKENDS as ATTENTION_BACKENDS
+from fastgrpo.trainer.errors import ConfigError
 from fastgrpo.trainer.presets import PRESETS
+from fastgrpo.trainer.prompting import LAYOUT_NAMES
 
 __all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "explicit_fields",
            "report_targets", "builtin_tasks"]
@@ -46,10 +49,6 @@ def builtin_tasks() -> tuple[str, ...]:
 
 
 ROLLOUT_MODES = ("offline", "online")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value (the message names the option and value)."""
 
 
 def report_targets(report_to: str) -> tuple[str, ...]:
@@ -150,8 +149,9 @@ class TrainConfig:
     mask_truncated: bool = _f(True, "exclude completions that hit --max-new-tokens from the loss")
     # logging and eval
     eval_every: int = _f(20, "held-out greedy eval every N steps (0: only before and after)")
-    eval_size: int = _f(200, "held-out problems per eval")
-    sample_every: int = _f(10, "print a sampled completion every N steps (0: never)")
+    eval_size: int = _f(200, "held-out problems per eval (0: no held-out evaluation)")
+    sample_every: int = _f(10, "print (and log to samples.jsonl) a sampled completion at the first step and every "
+                           "N steps (0: never)")
     plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
     save: bool = _f(True, "save the final model to <out_dir>/model")
     progress: bool = _f(True, "progress bar on stderr")
@@ -184,6 +184,26 @@ class TrainConfig:
                             "(Qwen2-VL processors; 0: the model's preprocessor_config.json)")
     max_pixels: int = _f(0, "vision-language model: largest image area in pixels after resizing "
                             "(R1-VL's 2B run used 400000; 0: the model's preprocessor_config.json)")
+    # a user's data and format (tasks/formats.py, trainer/prompting.py, rewards/free.py)
+    prompt_column: str = _f("prompt", "the data files' column holding the prompt (a string, or a list "
+                                      "of chat messages), e.g. question for GSM8K")
+    answer_column: str = _f("answer", "the column holding the reference answer (GSM8K's '... #### 42' "
+                                      "and a \\boxed{} solution are read as their final answer)")
+    key_steps_column: str = _f("key_steps", "the column holding StepRAR's key steps")
+    image_column: str = _f("image", "the column holding a vision-language row's image(s)")
+    layout: str = _f("", "completion layout the rewards read: r1vl (### Step k: ... ### The final "
+                         "answer is:) | tags (<think> steps </think><answer>) | free (no sections: "
+                         "the answer after ####, in \\boxed{}, after 'the answer is', or the last "
+                         "number; accuracy only, no step rewards); default: the preset's, else r1vl. "
+                         "Given explicitly, a chat model is told the layout in a system prompt "
+                         "unless --system-prompt says otherwise")
+    system_prompt: str = _f("", "system message put before every prompt (through the chat template)")
+    system_prompt_file: str = _f("", "read the system message from this UTF-8 file")
+    top_k: int = _f(0, "sample from the k most likely tokens only (0: off)")
+    min_p: float = _f(0.0, "drop tokens less likely than min_p x the most likely one's probability (0: off)")
+    repetition_penalty: float = _f(1.0, "divide the sampling logits of tokens already in the sequence "
+                                        "by this (>1 discourages repeats; 1: off; the loss sees the policy)")
+    stop: list = _f([], "stop a completion once its text contains this string (kept in it); repeatable")
 
     def validate(self) -> "TrainConfig":
         """Every option checked; ``ConfigError`` names the first bad one and its value."""
@@ -191,6 +211,7 @@ class TrainConfig:
         self._check_choices()
         self._check_loss()
         self._check_combinations()
+        self._validate_format(self._bad)
         self._check_rewards()
         return self
 
@@ -211,11 +232,11 @@ class TrainConfig:
         if self.group_size < 2:
             self._bad("group_size", "must be >= 2 (group-relative advantages need at least two samples)")
         for n in ("steps", "prompts_per_step", "ppo_epochs", "micro_batch_tokens",
-                  "max_new_tokens", "gen_batch_size", "eval_size"):
+                  "max_new_tokens", "gen_batch_size"):
             if getattr(self, n) < 1:
                 self._bad(n, "must be >= 1")
         for n in ("warmup_steps", "eval_every", "sample_every", "threads", "save_every",
-                  "collapse_warn_steps"):
+                  "collapse_warn_steps", "eval_size", "top_k"):
             if getattr(self, n) < 0:
                 self._bad(n, "must be >= 0")
         if not self.temperature > 0:
@@ -324,6 +345,30 @@ class TrainConfig:
                 except ValueError:
                     raise ConfigError(f"invalid --reward {spec!r}: weight is not a number") from None
 
+    def _validate_format(self, bad) -> None:
+        """The user-data, layout and sampling options (the section above)."""
+        if self.layout and self.layout not in LAYOUT_NAMES:
+            bad("layout", f"choose one of {', '.join(LAYOUT_NAMES)}")
+        if self.system_prompt and self.system_prompt_file:
+            raise ConfigError("give --system-prompt or --system-prompt-file, not both")
+        if self.system_prompt_file and not Path(self.system_prompt_file).is_file():
+            bad("system_prompt_file", "file not found")
+        for n in ("prompt_column", "answer_column", "key_steps_column", "image_column"):
+            if not getattr(self, n).strip():
+                bad(n, "names no column")
+        if not 0 <= self.min_p < 1:
+            bad("min_p", "must be in [0, 1)")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0 (1: off)")
+        for x in self.stop:
+            if not isinstance(x, str) or not x:
+                raise ConfigError(f"invalid --stop {x!r}: must be a non-empty string")
+
+    def columns(self) -> dict:
+        """fastgrpo's field -> the data files' column (``--prompt-column`` ...)."""
+        return {"prompt": self.prompt_column, "answer": self.answer_column,
+                "key_steps": self.key_steps_column, "image": self.image_column}
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -391,9 +436,7 @@ def load_config_file(path: str) -> dict:
         data = data["train"]
     out = {}
     for k, v in data.items():
-        name = str(k).replace("-", "_")
-        if name not in _FIELDS:
-            raise ConfigError(f"{p}: unknown key {k!r} (valid keys: {', '.join(sorted(_FIELDS))})")
+        name, v = translate_key(str(k), v, _FIELDS, where=str(p))
         out[name] = _coerce(name, v)
     return out
 
@@ -429,7 +472,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     Raises ``ConfigError`` for invalid values; argparse exits (code 2) on malformed flags.
     """
     ap = _build_parser()
-    ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    ns = ap.parse_args(translate_argv(sys.argv[1:] if argv is None else list(argv), _FIELDS))
     values = {}
     cfg_file = getattr(ns, "config", None)
     if cfg_file:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from fastgrpo.rewards import RewardSet, default_reward_set, load_reward_function, reward_set_from_spec
+from fastgrpo.rewards.free import FREE, free_reward_set
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer.config import TrainConfig
 from fastgrpo.trainer.rollout import generate
@@ -20,10 +21,15 @@ def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
 
     ``accuracy``, ``step_rvr`` and ``step_k`` are always computed (weight 0 when the set lacks
     them): the logs and the held-out evaluation read them, whatever the training reward."""
-    default = default_reward_set() if layout is None else default_reward_set(layout=layout)
-    base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
+    if layout == FREE:  # no steps: accuracy (+ answer_found, logged), rewards/free.py
+        default = free_reward_set()
+        base = free_reward_set(cfg.rewards) if cfg.rewards else default
+    else:
+        default = default_reward_set() if layout is None else default_reward_set(layout=layout)
+        base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
     funcs, weights = dict(base.funcs), dict(base.weights)
-    for name in ("accuracy", "step_rvr", "step_k"):
+    logged = ("accuracy", "answer_found") if layout == FREE else ("accuracy", "step_rvr", "step_k")
+    for name in logged:  # always computed: the logs and the held-out eval read them
         if name not in funcs:
             funcs[name], weights[name] = default.funcs[name], 0.0
     for spec in cfg.reward:
@@ -58,7 +64,9 @@ def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: Tra
     else:
         prompts = [encode(tokenizer, r["prompt"]) for r in rows]
     ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
-                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, **vkw)
+                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                  stop=cfg.stop, **vkw)
     res = reward_set([r["prompt"] for r in rows], ro.texts, **columns(rows, list(range(len(rows)))))
     stats = res.stats()
-    return {"accuracy": stats["accuracy"]["mean"], "validity": stats["step_rvr"]["mean"]}
+    valid = stats.get("step_rvr") or stats["answer_found"]  # the free layout: an answer was found
+    return {"accuracy": stats["accuracy"]["mean"], "validity": valid["mean"]}

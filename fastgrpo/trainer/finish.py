@@ -3,6 +3,7 @@ verified), the final held-out eval, ``summary.json``, the plot and the report (`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -67,6 +68,7 @@ def save_model(r: RunState, full_sd: dict | None) -> Path:
                 r.model.save_pretrained(tmp, **({} if full_sd is None else {"state_dict": full_sd}))
         with writing(tmp):
             r.tokenizer.save_pretrained(tmp)
+            (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
             if r.vision is not None:
                 r.vision.save(tmp)
 

@@ -134,7 +134,7 @@ def _rollout(r: RunState, step: int) -> Rollout:
                 [r.train_rows[i] for i in mine], r.encode)[1]
             ro = r.engine.generate([r.prompt_ids(i) for i in mine], group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, do_sample=True, **vkw)
+                                   top_p=cfg.top_p, do_sample=True, **_sampling(cfg), **vkw)
             r.engine.sleep()
         except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
             if "probability tensor contains" not in str(e):
@@ -150,6 +150,15 @@ def _rollout(r: RunState, step: int) -> Rollout:
     for s in ro.samples:
         s.row = mine[s.group]
     return ro
+
+
+def _sampling(cfg: TrainConfig) -> dict:
+    """The sampling options besides temperature / top-p (only those set: every engine takes
+    the defaults)."""
+    out = {"top_k": cfg.top_k, "min_p": cfg.min_p, "repetition_penalty": cfg.repetition_penalty,
+           "stop": cfg.stop}
+    off = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "stop": []}
+    return {k: v for k, v in out.items() if v != off[k]}
 
 
 def _importance_weights(r: RunState, batches: list[MicroBatch], kept: list[Sample]) -> dict:
@@ -330,7 +339,7 @@ def _loop(r: RunState, log: RunLog, progress: Progress, signals: RunSignals) -> 
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             _evaluate_during(r, m, progress, step, signals)
         log.metrics(m)
-        if r.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+        if r.main and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step == r.start):
             _log_sample(r, log, progress, step, ro.samples[0])  # rank 0 generated the first group
         progress.update(step, f"reward {m['reward/mean']:.3f} acc {m['accuracy']:.2f}")
         saved = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Callable
 import torch
 
 from fastgrpo.ops.logprobs import resolve_backend
-from fastgrpo.rewards import R1VL_MULTIMODAL_LAYOUT, TAG_LAYOUT
 from fastgrpo.tasks.data import DataError
 from fastgrpo.trainer import distributed as dist_
 from fastgrpo.trainer.attention import apply_attention, select_attention
@@ -25,7 +25,8 @@ from fastgrpo.trainer.engines import make_engine
 from fastgrpo.trainer.identity import identity_fields, run_identity
 from fastgrpo.trainer.outdir import OutDirLock, check_fresh, check_writable
 from fastgrpo.trainer.policy import apply_lora, load_model, wrap_model
-from fastgrpo.trainer.presets import apply_preset, encode_chat_prompt, get_preset
+from fastgrpo.trainer.presets import apply_preset, get_preset
+from fastgrpo.trainer.prompting import resolve_layout, system_prompt
 from fastgrpo.trainer.prompts import PromptOrder
 from fastgrpo.trainer.state import RunState
 from fastgrpo.trainer.task import load_task
@@ -102,15 +103,14 @@ def setup_run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> RunSt
     if cfg.beta > 0:  # peft model: learn.optimize disables its adapters (no copy)
         ref_model = model if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
     policy = wrap_model(model, device, strategy=cfg.dp_strategy)
-    layout = TAG_LAYOUT if preset is not None and preset.layout == "tag" else None
-    if layout is None and vision is not None:  # R1-VL's multimodal layout (Image Description)
-        layout = R1VL_MULTIMODAL_LAYOUT
+    layout = resolve_layout(cfg.layout, preset, vision is not None)  # r1vl | tags | free
+    task.set_layout(layout)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    task.system_prompt = system_prompt(cfg, preset)  # --system-prompt, a preset's, chat rows
     encode = task.encode
-    if preset is not None and preset.use_chat_template:
-        def encode(tok, text):
-            return encode_chat_prompt(tok, text, preset)
+    if info.is_main:  # the resolved options this run trains with (a preset's, a task's applied)
+        (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     # greedy eval: rank 0 alone, except under FSDP2 where every rank runs it (forwards of
     # sharded modules must stay in step across ranks)
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())

@@ -7,7 +7,8 @@ A task supplies
   ``--eval-file`` JSONL rows, else :meth:`Task.builtin_splits`);
 * its reward set: :meth:`Task.reward_set` (default: the StepGRPO set, ``--rewards``,
   ``--reward`` extras: ``trainer.evaluation.build_reward_set``);
-* its prompt encoding: :meth:`Task.encode` (default: the tokenizer's chat template);
+* its prompt encoding: :meth:`Task.encode` (default: the chat template, with the run's
+  system prompt; ``trainer.prompting``) and :meth:`Task.set_layout`;
 * its held-out evaluation and report: :meth:`Task.evaluate` (default: greedy accuracy and
   layout validity), :meth:`Task.eval_line`, :meth:`Task.report`, ``metric_aliases`` (the
   step metrics' short names);
@@ -33,9 +34,10 @@ from typing import Callable, ClassVar
 
 from fastgrpo.rewards import RewardSet
 from fastgrpo.tasks.data import load_jsonl
-from fastgrpo.tasks.tokenizer import encode_prompt
+from fastgrpo.rewards.free import FREE
 from fastgrpo.trainer.config import ConfigError, TrainConfig, builtin_tasks, explicit_fields
 from fastgrpo.trainer.evaluation import build_reward_set, evaluate
+from fastgrpo.trainer.prompting import make_encoder
 
 __all__ = ["Task", "load_task"]
 
@@ -51,6 +53,7 @@ class Task:
     checkpoint: ClassVar[Path | None] = None  # the shipped warm-up model (when --model is not given)
     rollout = score = advantages = None    # stage hooks: None = the loop's own
     warmup: ClassVar[Callable | None] = None  # warmup(argv): python -m fastgrpo.sft --task NAME
+    system_prompt: str = ""                # the run's (--system-prompt, --layout, the preset's)
 
     def configure(self, cfg: TrainConfig) -> TrainConfig:
         """The task's options: ``cli_defaults`` for those not given explicitly."""
@@ -67,8 +70,9 @@ class Task:
     def load_data(self, cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
         """Train and eval rows: JSONL files when given, else :meth:`builtin_splits`."""
         if cfg.train_file or cfg.eval_file:
-            train = load_jsonl(cfg.train_file)
-            evals = load_jsonl(cfg.eval_file) if cfg.eval_file else []
+            cols = cfg.columns()
+            train = load_jsonl(cfg.train_file, columns=cols)
+            evals = load_jsonl(cfg.eval_file, columns=cols) if cfg.eval_file else []
         else:
             splits = self.builtin_splits(cfg)
             if splits is None:
@@ -79,9 +83,16 @@ class Task:
     def reward_set(self, cfg: TrainConfig, layout=None) -> RewardSet:
         return build_reward_set(cfg, layout)
 
-    def encode(self, tokenizer, prompt: str) -> list[int]:
-        """Token ids of a prompt ready for generation."""
-        return encode_prompt(tokenizer, prompt)
+    def encode(self, tokenizer, prompt) -> list[int]:
+        """Token ids of a prompt (a string or chat messages) ready for generation, with the
+        run's system prompt (``system_prompt``, set by the trainer)."""
+        return make_encoder(self.system_prompt)(tokenizer, prompt)
+
+    def set_layout(self, layout) -> None:
+        """The run's completion layout (``--layout``, ``trainer.prompting``); in the free
+        layout (no steps) validity is whether an answer was found."""
+        if layout == FREE:
+            self.metric_aliases = {**self.metric_aliases, "validity": "answer_found"}
 
     def bind(self, run) -> None:
         """Called once the run is set up (model, tokenizer, device)."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.hf import lm_head_weight
 from fastgrpo.ops.logprobs import fused_logprobs
 from fastgrpo.tasks.charts.data import SIZE, chart_tokenizer, make_splits
 from fastgrpo.tasks.charts.evaluation import encode_rows, evaluate_charts, teacher_forced_reading

@@ -185,6 +185,9 @@ class RoutingTask(Task):
     def reward_set(self, cfg: TrainConfig, layout=None) -> RewardSet:
         return routing_reward_set(cfg.reward, self.similarity)
 
+    def set_layout(self, layout) -> None:
+        """The routing steps have their own format and metrics, whatever ``--layout``."""
+
     def bind(self, run) -> None:
         self.run = run
         if not self.online:
