@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "fastgrpo"
 
 # what a task may import from the trainer (docs/architecture.md); anything else is internal
-PUBLIC_TRAINER = {"task", "config", "evaluation", "rollout", "sample", "packing", "policy", "sft",
-                  "distributed", "requirements", "vision"}
+PUBLIC_TRAINER = {"task", "config", "errors", "evaluation", "prompting", "rollout", "sample", "packing",
+                  "policy", "sft", "supervised", "distributed", "requirements", "vision"}
 # old module paths kept for one release as re-exports of the task packages (not core)
 DEPRECATED = {"fastgrpo.trainer.tasks", "fastgrpo.trainer.multiturn", "fastgrpo.trainer.routing_sft"}
 MAX_CODE_LINES = 80
