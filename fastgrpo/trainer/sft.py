@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from fastgrpo.trainer.config import ConfigError
 from fastgrpo.trainer.supervised import sft_sequences, sft_step
 from fastgrpo.trainer.task import load_task
 from fastgrpo.trainer.user_sft import main as user_main
 
-__all__ = ["sft_sequences", "sft_step", "warmup_parser", "check_args", "main"]
+__all__ = ["sft_sequences", "sft_step", "warmup_parser", "check_args", "save_warmup", "main"]
 
 
 def warmup_parser(prog: str, description: str, *, task: str, steps: int, batch_size: int,
@@ -41,6 +42,17 @@ def warmup_parser(prog: str, description: str, *, task: str, steps: int, batch_s
     ap.add_argument("--eval-size", type=int, default=eval_size, help=eval_help)
     ap.add_argument("--threads", type=int, default=1, help=threads_help)
     return ap
+
+
+def save_warmup(out, model, *others) -> Path:
+    """Write the warmed-up ``model`` and ``others`` (its tokenizer, image processor) to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for o in others:
+        o.save_pretrained(out)
+    print(f"saved to {out}", file=sys.stderr)
+    return out
 
 
 def check_args(ap: argparse.ArgumentParser, args) -> None:

@@ -27,7 +27,6 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,7 @@ from fastgrpo.tasks.arithmetic.tokenizer import build_tokenizer
 from fastgrpo.tasks.tiny_model import build_tiny_model
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer.rollout import generate
-from fastgrpo.trainer.sft import check_args, sft_sequences, warmup_parser
+from fastgrpo.trainer.sft import check_args, save_warmup, sft_sequences, warmup_parser
 
 __all__ = ["sft", "greedy_accuracy", "main"]
 
@@ -98,11 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     acc = greedy_accuracy(model, tok, evals[:args.eval_size])
     print(json.dumps({"sft_steps": args.steps, "eval_greedy_accuracy": acc,
                       "seconds": round(time.time() - t0, 1)}))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    print(f"saved to {out}", file=sys.stderr)
+    save_warmup(args.out, model, tok)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import math
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,6 +23,7 @@ from fastgrpo.trainer.packing import ffd_bins, pack_bins
 from fastgrpo.trainer.policy import policy_hidden_states
 from fastgrpo.trainer.requirements import require
 from fastgrpo.trainer.sample import Sample
+from fastgrpo.trainer.sft import save_warmup
 from fastgrpo.vl import VisionAdapter, attach_vision
 
 __all__ = ["sft_main", "main"]
@@ -124,9 +124,4 @@ def sft_main(argv: list[str] | None = None) -> None:
                       "before": {k: before[k] for k in ("accuracy", "bar_reading")},
                       "after": {k: after[k] for k in ("accuracy", "bar_reading")},
                       "seconds": round(time.time() - t0, 1), "example": after["example"]}))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    ip.save_pretrained(out)
-    print(f"saved to {out}", file=sys.stderr)
+    save_warmup(args.out, model, tok, ip)

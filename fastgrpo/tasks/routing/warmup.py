@@ -29,7 +29,6 @@ import random
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -40,7 +39,7 @@ from fastgrpo.tasks.routing.rewards import offline_metrics
 from fastgrpo.tasks.tiny_model import build_tiny_model
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer.rollout import generate
-from fastgrpo.trainer.sft import check_args, sft_sequences, warmup_parser
+from fastgrpo.trainer.sft import check_args, save_warmup, sft_sequences, warmup_parser
 
 __all__ = ["routing_warmup_data", "main"]
 
@@ -125,11 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             result["eval_greedy"] = _evaluate(model, tok, paths, args.eval_size)
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    print(f"saved to {out}", file=sys.stderr)
+    save_warmup(args.out, model, tok)
 
 
 if __name__ == "__main__":
