@@ -43,6 +43,8 @@ import os
 
 import torch
 
+from fastgrpo.ops._native import native as _native
+
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
            "linear_one_pass", "BACKENDS", "validate_inputs", "resolve_backend"]
 
@@ -234,6 +236,105 @@ def _torch_grad_logits(hc, wc, yc, c0, lse, ent, gl, ge, inv_t, out_dtype, clamp
     return dz.to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- native blocks
+# The same blocks through the C++ kernels (csrc/, fastgrpo.ops._native) when they are built:
+# bf16 logits GEMMs with a float32 result (oneDNN brgemm) and one fused sweep per block for the
+# row statistics and one for dz, instead of the chains of torch ops above.  Logits stay raw
+# (h @ w.T) in the block; the sweeps apply 1/T and the -inf clamp in registers.
+
+
+def _native_for(h):
+    """The native module when it serves ``h`` (CPU, fp32 or bf16), else None."""
+    if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return _native()
+
+
+class _NativeWeight:
+    """A vocabulary slice ``w [C, D]`` prepared once for its logits GEMMs: packed for brgemm
+    (bf16 where the CPU has bf16 dot products), else float32 for ``torch.mm``."""
+
+    def __init__(self, mod, w):
+        self.mod, self.c = mod, w.shape[0]
+        self.bf16 = (w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0
+                     and mod.brgemm_available())
+        self.packed = mod.pack_bf16(w) if self.bf16 else None
+        self.w = None if self.bf16 else w.float()
+
+    def logits(self, hc, buf):
+        """Raw float32 logits ``hc @ w.T`` [R, C], written into ``buf`` (a flat scratch)."""
+        z = buf[:hc.shape[0] * self.c].view(hc.shape[0], self.c)
+        if self.bf16:
+            self.mod.logits_bf16(hc if hc.stride(-1) == 1 else hc.contiguous(), self.packed,
+                                 self.c, z)
+            return z
+        return torch.mm(hc.float(), self.w.T, out=z)
+
+
+def _native_forward(mod, h, w, y, inv_t):
+    n, v = h.shape[0], w.shape[0]
+    rows, cols = _block_shape(n, v)
+    m = torch.full((n,), float("-inf"))
+    s, t, zy = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    buf = torch.empty(min(n, rows) * min(v, cols))
+    for c0 in range(0, v, cols):        # vocabulary outermost: each slice is packed once
+        wn = _NativeWeight(mod, w[c0:c0 + cols])
+        for r0 in range(0, n, rows):
+            sl = slice(r0, r0 + rows)
+            mod.row_stats_(wn.logits(h[sl], buf), y[sl], c0, inv_t, m[sl], s[sl], t[sl], zy[sl])
+    lse = m + torch.log(s)
+    ent = lse - t / s
+    return zy - lse, ent, lse
+
+
+def _native_dz(mod, z, yc, c0, lse, ent, gl, ge, inv_t, out):
+    """dL/d(h W^T) of one raw logits block into ``out`` (``z`` itself, or a bf16 block)."""
+    if ge is None:
+        a, b = gl, torch.zeros_like(gl)
+    else:
+        a, b = gl - ge * (lse - ent), ge
+    mod.grad_logits(z, yc, c0, inv_t, lse, a.contiguous(), b.contiguous(), gl.contiguous(),
+                    inv_t, out)
+    return out
+
+
+def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
+    n, v = h.shape[0], w.shape[0]
+    rows = max(1, min(n, max(_ONE_PASS_MIN_ROWS, _ONE_PASS_ELEMS // v)))
+    gd = _grad_dtype(h)
+    wn = _NativeWeight(mod, w)          # bf16: one packed copy of w (V*D*2 bytes)
+    wg = w.to(gd)
+    buf = torch.empty(rows * v)
+    dzbuf = None if gd == torch.float32 else torch.empty(rows * v, dtype=gd)
+    logp = torch.empty(n)
+    ent = torch.empty(n)
+    dh = torch.empty(n, h.shape[1], dtype=h.dtype) if need_h else None
+    dw = torch.zeros(v, h.shape[1]) if need_w else None
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        hr, yr = h[sl], y[sl]
+        z = wn.logits(hr, buf)
+        r = z.shape[0]
+        m = torch.full((r,), float("-inf"))
+        s, t, zy = torch.zeros(r), torch.zeros(r), torch.zeros(r)
+        mod.row_stats_(z, yr, 0, inv_t, m, s, t, zy)
+        lse = m + torch.log(s)
+        ent[sl] = lse - t / s
+        logp[sl] = zy - lse
+        gl, ge = token_grads(sl, logp[sl], ent[sl])
+        dz = z if dzbuf is None else dzbuf[:r * v].view(r, v)
+        _native_dz(mod, z, yr, 0, lse, ent[sl], gl.float(), None if ge is None else ge.float(),
+                   inv_t, dz)
+        if need_h:
+            dh[sl] = _mm_f32(dz, wg)
+        if need_w:
+            if dz.dtype == torch.float32:
+                dw.addmm_(dz.T, hr.float())
+            else:
+                mod.add_bf16_(dw, dz.T @ hr.to(gd))
+    return logp, ent, dh, (None if dw is None else dw.to(w.dtype))
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -252,6 +353,9 @@ def linear_forward(h, w, y, inv_t: float, backend: str):
         return e, e.clone(), e.clone()
     if backend == "triton":
         return _triton_module().forward(h, w, y, inv_t)
+    mod = _native_for(h)
+    if mod is not None:
+        return _native_forward(mod, h, w, y, inv_t)
     return _torch_forward(h, w, y, inv_t)
 
 
@@ -300,6 +404,18 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
     if backend == "triton":
         grad_block = _triton_module().grad_logits
         ge = torch.zeros_like(gl) if ge is None else ge
+    elif _native_for(h) is not None:
+        mod = _native_for(h)
+        buf = torch.empty(min(n, rows) * min(v, cols))
+        dzbuf = None if gdtype == torch.float32 else torch.empty(buf.numel(), dtype=gdtype)
+        prepared = {}                 # the current vocabulary slice, packed once
+
+        def grad_block(hc, wc, yc, c0, lse_, ent_, gl_, ge_, inv_t_, out_dtype):  # noqa: E306
+            if prepared.get("c0") != c0:
+                prepared.update(c0=c0, wn=_NativeWeight(mod, wc))
+            z = prepared["wn"].logits(hc, buf)
+            out = z if dzbuf is None else dzbuf[:z.numel()].view(z.shape)
+            return _native_dz(mod, z, yc, c0, lse_, ent_, gl_, ge_, inv_t_, out)
     else:
         clamp = _needs_clamp(w)
         def grad_block(*args):  # noqa: E306
@@ -344,6 +460,9 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
     Returns ``(logp, ent, dh, dw)``: float32 ``[N]``, ``[N]``, and the gradients of
     ``sum(g_logp * logp + g_ent * ent)`` (``None`` where not needed).
     """
+    mod = _native_for(h)
+    if mod is not None:
+        return _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w)
     n, v = h.shape[0], w.shape[0]
     dev = h.device
     budget = _ONE_PASS_ELEMS_CUDA if h.is_cuda else _ONE_PASS_ELEMS
