@@ -16,6 +16,8 @@ import fastgrpo.ops.logprobs as lp_mod
 from fastgrpo import fused_logprobs
 from fastgrpo.ops.logprobs import naive_logprobs
 
+pytestmark = pytest.mark.usefixtures("native_mode")  # native kernels and the fallback
+
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
        torch.float16: dict(atol=1e-2, rtol=1e-2)}
 
