@@ -46,7 +46,7 @@ import torch
 from fastgrpo.ops._native import native as _native
 
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
-           "linear_one_pass", "BACKENDS", "validate_inputs", "resolve_backend"]
+           "linear_one_pass", "one_pass_pays", "BACKENDS", "validate_inputs", "resolve_backend"]
 
 # Workspace budget of one [rows x vocab] block, in elements.  CPU: 4M (16 MiB in fp32; the
 # torch path keeps a few block-sized temporaries alive).  CUDA: 16M (32 MiB of bf16 gradient
@@ -252,7 +252,8 @@ def _native_for(h):
 
 class _NativeWeight:
     """A vocabulary slice ``w [C, D]`` prepared once for its logits GEMMs: packed for brgemm
-    (bf16 where the CPU has bf16 dot products), else float32 for ``torch.mm``."""
+    (bf16 where the CPU has bf16 dot products: the GEMM tiles feed the sweeps while in cache),
+    else float32 for ``torch.mm`` into a block the sweeps then read."""
 
     def __init__(self, mod, w):
         self.mod, self.c = mod, w.shape[0]
@@ -265,37 +266,75 @@ class _NativeWeight:
         """Raw float32 logits ``hc @ w.T`` [R, C], written into ``buf`` (a flat scratch)."""
         z = buf[:hc.shape[0] * self.c].view(hc.shape[0], self.c)
         if self.bf16:
-            self.mod.logits_bf16(hc if hc.stride(-1) == 1 else hc.contiguous(), self.packed,
-                                 self.c, z)
+            self.mod.logits_bf16(_rows(hc), self.packed, self.c, z)
             return z
         return torch.mm(hc.float(), self.w.T, out=z)
+
+    def stats_(self, hc, yc, c0, inv_t, state, buf, keep=False):
+        """Fold this slice's logits into the rows' online statistics ``state`` = (m, s, t, zy);
+        returns the raw logits block when ``keep`` (one pass: dz is built from it)."""
+        if self.bf16:
+            z = buf[:hc.shape[0] * self.c].view(hc.shape[0], self.c) if keep else None
+            self.mod.stats_bf16_(_rows(hc), self.packed, self.c, yc, c0, inv_t, *state, z)
+            return z
+        z = self.logits(hc, buf)
+        self.mod.row_stats_(z, yc, c0, inv_t, *state)
+        return z
+
+    def grad(self, hc, yc, c0, inv_t, lse, ent, gl, ge, buf, out):
+        """dL/d(h W^T) of this slice for the rows ``hc`` into ``out`` (bf16 or float32)."""
+        a, b = _dz_coefficients(lse, ent, gl, ge)
+        gl = gl.float().contiguous()
+        if self.bf16 and out.dtype == torch.bfloat16:
+            self.mod.grad_bf16(_rows(hc), self.packed, self.c, yc, c0, inv_t, lse, a, b, gl,
+                               inv_t, out)
+            return out
+        z = self.logits(hc, buf)
+        out = z if out.dtype == torch.float32 else out
+        self.mod.grad_logits(z, yc, c0, inv_t, lse, a, b, gl, inv_t, out)
+        return out
+
+
+def _rows(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dz_coefficients(lse, ent, gl, ge):
+    """dz = gl 1[v = y] - p (a + b z): a = gl - ge Ez, b = ge (Ez = lse - entropy)."""
+    gl = gl.float().contiguous()
+    if ge is None:
+        return gl, torch.zeros_like(gl)
+    ge = ge.float().contiguous()
+    return (gl - ge * (lse - ent)).contiguous(), ge
+
+
+def _native_state(n):
+    return (torch.full((n,), float("-inf")), torch.zeros(n), torch.zeros(n), torch.zeros(n))
+
+
+def one_pass_pays(h) -> bool:
+    """Whether the one-pass path beats the two-pass path for ``h`` on CPU: yes, except bf16
+    through the native kernels, where the recompute is a bf16 GEMM that feeds the sweeps in
+    cache, cheaper than writing and re-reading an fp32 logits block (measured: bench/results)."""
+    mod = _native_for(h)
+    return not (mod is not None and h.dtype == torch.bfloat16 and h.shape[-1] % 2 == 0
+                and mod.brgemm_available())
 
 
 def _native_forward(mod, h, w, y, inv_t):
     n, v = h.shape[0], w.shape[0]
     rows, cols = _block_shape(n, v)
-    m = torch.full((n,), float("-inf"))
-    s, t, zy = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    state = _native_state(n)
     buf = torch.empty(min(n, rows) * min(v, cols))
     for c0 in range(0, v, cols):        # vocabulary outermost: each slice is packed once
         wn = _NativeWeight(mod, w[c0:c0 + cols])
         for r0 in range(0, n, rows):
             sl = slice(r0, r0 + rows)
-            mod.row_stats_(wn.logits(h[sl], buf), y[sl], c0, inv_t, m[sl], s[sl], t[sl], zy[sl])
+            wn.stats_(h[sl], y[sl], c0, inv_t, [x[sl] for x in state], buf)
+    m, s, t, zy = state
     lse = m + torch.log(s)
     ent = lse - t / s
     return zy - lse, ent, lse
-
-
-def _native_dz(mod, z, yc, c0, lse, ent, gl, ge, inv_t, out):
-    """dL/d(h W^T) of one raw logits block into ``out`` (``z`` itself, or a bf16 block)."""
-    if ge is None:
-        a, b = gl, torch.zeros_like(gl)
-    else:
-        a, b = gl - ge * (lse - ent), ge
-    mod.grad_logits(z, yc, c0, inv_t, lse, a.contiguous(), b.contiguous(), gl.contiguous(),
-                    inv_t, out)
-    return out
 
 
 def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
@@ -313,18 +352,15 @@ def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
     for r0 in range(0, n, rows):
         sl = slice(r0, r0 + rows)
         hr, yr = h[sl], y[sl]
-        z = wn.logits(hr, buf)
-        r = z.shape[0]
-        m = torch.full((r,), float("-inf"))
-        s, t, zy = torch.zeros(r), torch.zeros(r), torch.zeros(r)
-        mod.row_stats_(z, yr, 0, inv_t, m, s, t, zy)
+        m, s, t, zy = state = _native_state(hr.shape[0])
+        z = wn.stats_(hr, yr, 0, inv_t, state, buf, keep=True)
         lse = m + torch.log(s)
         ent[sl] = lse - t / s
         logp[sl] = zy - lse
         gl, ge = token_grads(sl, logp[sl], ent[sl])
-        dz = z if dzbuf is None else dzbuf[:r * v].view(r, v)
-        _native_dz(mod, z, yr, 0, lse, ent[sl], gl.float(), None if ge is None else ge.float(),
-                   inv_t, dz)
+        a, b = _dz_coefficients(lse, ent[sl], gl, ge)
+        dz = z if dzbuf is None else dzbuf[:z.numel()].view(z.shape)
+        mod.grad_logits(z, yr, 0, inv_t, lse, a, b, gl.float().contiguous(), inv_t, dz)
         if need_h:
             dh[sl] = _mm_f32(dz, wg)
         if need_w:
@@ -407,15 +443,14 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
     elif _native_for(h) is not None:
         mod = _native_for(h)
         buf = torch.empty(min(n, rows) * min(v, cols))
-        dzbuf = None if gdtype == torch.float32 else torch.empty(buf.numel(), dtype=gdtype)
+        dzbuf = torch.empty(buf.numel(), dtype=gdtype)
         prepared = {}                 # the current vocabulary slice, packed once
 
         def grad_block(hc, wc, yc, c0, lse_, ent_, gl_, ge_, inv_t_, out_dtype):  # noqa: E306
             if prepared.get("c0") != c0:
                 prepared.update(c0=c0, wn=_NativeWeight(mod, wc))
-            z = prepared["wn"].logits(hc, buf)
-            out = z if dzbuf is None else dzbuf[:z.numel()].view(z.shape)
-            return _native_dz(mod, z, yc, c0, lse_, ent_, gl_, ge_, inv_t_, out)
+            out = dzbuf[:hc.shape[0] * wc.shape[0]].view(hc.shape[0], wc.shape[0])
+            return prepared["wn"].grad(hc, yc, c0, inv_t_, lse_, ent_, gl_, ge_, buf, out)
     else:
         clamp = _needs_clamp(w)
         def grad_block(*args):  # noqa: E306

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from fastgrpo.ops.logprobs import (linear_backward, linear_forward, linear_one_pass,
-                                  resolve_backend, validate_inputs)
+                                  one_pass_pays, resolve_backend, validate_inputs)
 
 __all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS", "NORMALIZERS"]
 
@@ -524,7 +524,9 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             GEMMs, no recompute in backward) when the objective is token-local (token-level
             ratio; no EGSW, entropy quantile, off-policy mask or VESPO: those couple tokens
             and keep the two-pass path).  ``None``: on for the torch backend on CPU, where it
-            measures faster; ``False`` forces the two-pass path.
+            measures faster, except bf16 through the native kernels (a recomputed bf16 logits
+            GEMM costs less than storing and re-reading fp32 logits there: bench/results);
+            ``False`` forces the two-pass path.
 
     Returns:
         ``(loss, metrics)``: a float32 scalar differentiable w.r.t. ``hidden`` and ``weight``,
@@ -620,7 +622,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     need_h = torch.is_grad_enabled() and h_tok.requires_grad
     need_w = torch.is_grad_enabled() and w.requires_grad
     if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
-        one_pass = backend == "torch" and not h.is_cuda
+        one_pass = backend == "torch" and not h.is_cuda and one_pass_pays(h)
     if one_pass and objective.token_local and (need_h or need_w):
         loss = _OnePassGRPO.apply(h_tok, w, y_tok, 1.0 / float(temperature), objective,
                                   need_h, need_w)
