@@ -9,7 +9,8 @@ measured time below the GEMM floor of the same run is noise and is flagged with 
 Cases: on CPU the shape 1024x256x32768 in fp32 and in bf16 (a few minutes on 2 cores); with
 ``--bench-full`` also 4096x512x65536 and 2048x1024x151936 (hours on 2 cores); on CUDA
 8192x4096x151936 in bf16.  ``FASTGRPO_BENCH_SHAPE="N,D,V[;N,D,V]"`` and
-``FASTGRPO_BENCH_DTYPES=float32,bfloat16`` override them.  Options: ``--bench-threads``
+``FASTGRPO_BENCH_DTYPES=float32,bfloat16`` override them; ``FASTGRPO_BENCH_IMPLS=a,b`` runs
+only those implementations (and the floor).  Options: ``--bench-threads``
 (default 1), ``--bench-rounds`` (default 3, after one warm-up round), ``--bench-no-memory``
 (skip the peak-memory subprocesses), ``--bench-json PATH`` (every result as JSON).
 
@@ -176,6 +177,12 @@ def measure(fns: dict, rounds: int) -> dict:
 
 
 RESULTS = []   # one dict per implementation and case of this session, for the closing tables
+
+
+def selected(impl) -> bool:
+    """``FASTGRPO_BENCH_IMPLS=a,b``: only these implementations (and the floor) run."""
+    only = os.environ.get("FASTGRPO_BENCH_IMPLS")
+    return impl == "floor" or not only or impl in [s.strip() for s in only.split(",")]
 
 
 def run_case(kind, case, fns, peaks=None, ours=()):

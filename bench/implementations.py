@@ -1,6 +1,8 @@
 """The implementations the benchmarks compare, each a fwd+bwd closure over (h, w, y, ...).
 
-* ``fastgrpo``: ``fused_logprobs`` / ``grpo_loss`` (triton on CUDA, torch elsewhere).
+* ``fastgrpo``: ``fused_logprobs`` / ``grpo_loss`` (triton on CUDA, torch elsewhere);
+  ``fastgrpo_keep_logits``: ``fused_logprobs(keep_logits=True)`` (the logits kept for the
+  backward: three GEMMs, N*V*4 bytes; not counted for "least memory").
 * ``naive``: full logits + log_softmax in PyTorch (what a plain RL loop does).
 * ``liger``: Liger-Kernel's chunked selective log-prob (logp) / LigerFusedLinearGRPOLoss.
 * ``liger_triton_grpo``: Liger's Triton ``triton_grpo_loss`` fed with materialized logits
@@ -32,6 +34,12 @@ def _entropy_from_logz(logz):
 
 def logprobs_fastgrpo(h, w, y):
     logp, ent = fused_logprobs(h, w, y, return_entropy=True)
+    (logp.sum() + 0.01 * ent.sum()).backward()
+
+
+def logprobs_fastgrpo_keep_logits(h, w, y):
+    """``keep_logits=True``: N*V*4 bytes kept from forward to backward, three GEMMs."""
+    logp, ent = fused_logprobs(h, w, y, return_entropy=True, keep_logits=True)
     (logp.sum() + 0.01 * ent.sum()).backward()
 
 
@@ -101,8 +109,9 @@ def floor_fn(h, w, timer, sync):
     return run
 
 
-LOGPROB_IMPLS = {"fastgrpo": logprobs_fastgrpo, "naive": logprobs_naive,
-                 "liger": logprobs_liger, "cce": logprobs_cce}
+LOGPROB_IMPLS = {"fastgrpo": logprobs_fastgrpo,
+                 "fastgrpo_keep_logits": logprobs_fastgrpo_keep_logits,
+                 "naive": logprobs_naive, "liger": logprobs_liger, "cce": logprobs_cce}
 
 
 # ----------------------------------------------------------------------------- GRPO loss

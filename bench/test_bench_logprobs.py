@@ -8,7 +8,7 @@ saves everything; the session ends with the tables.
 """
 import importlib.util
 
-from conftest import make_inputs, peak_extra, run_case, sync, timer
+from conftest import make_inputs, peak_extra, run_case, selected, sync, timer
 from implementations import LOGPROB_IMPLS, floor_fn
 
 PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
@@ -23,7 +23,7 @@ def test_logprobs_fwd_bwd(case):
     h, w, y = make_inputs(n, d, v, device, dtype)
     fns = {"floor": floor_fn(h, w, timer, sync)}
     for impl, fn in LOGPROB_IMPLS.items():
-        if not available(impl):
+        if not available(impl) or not selected(impl):
             continue
 
         def run(fn=fn):
@@ -32,4 +32,4 @@ def test_logprobs_fwd_bwd(case):
         fns[impl] = run
     peaks = {impl: peak_extra("logprobs", impl, fns[impl], n, d, v, dtype)
              for impl in fns if impl != "floor"}
-    run_case("logprobs", case, fns, peaks, ours=("fastgrpo",))
+    run_case("logprobs", case, fns, peaks, ours=("fastgrpo", "fastgrpo_keep_logits"))

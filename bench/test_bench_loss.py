@@ -8,7 +8,7 @@ import importlib.util
 
 import torch
 
-from conftest import make_inputs, peak_extra, run_case, sync, timer
+from conftest import make_inputs, peak_extra, run_case, selected, sync, timer
 from implementations import LOSS_IMPLS, floor_fn, loss_inputs
 
 from fastgrpo import fused_logprobs
@@ -27,6 +27,8 @@ def test_grpo_loss_fwd_bwd(case):
     auto_one_pass = device == "cpu" and one_pass_pays(h)
     fns = {"floor": floor_fn(h, w, timer, sync)}
     for impl, fn in LOSS_IMPLS.items():
+        if not selected(impl):
+            continue
         if impl.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
             continue
         if impl == "cce" and importlib.util.find_spec("cut_cross_entropy") is None:

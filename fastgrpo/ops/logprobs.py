@@ -46,7 +46,7 @@ import torch
 from fastgrpo.ops._native import native as _native
 
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
-           "linear_one_pass", "one_pass_pays", "BACKENDS", "validate_inputs", "resolve_backend"]
+           "linear_one_pass", "linear_forward_keep", "one_pass_pays", "BACKENDS", "validate_inputs", "resolve_backend"]
 
 # Workspace budget of one [rows x vocab] block, in elements.  CPU: 4M (16 MiB in fp32; the
 # torch path keeps a few block-sized temporaries alive).  CUDA: 16M (32 MiB of bf16 gradient
@@ -421,8 +421,48 @@ def _addmm_f32_(acc, a, b, alpha):
     acc.add_(a @ b, alpha=alpha)   # promotes in place: no float32 temporary
 
 
+def linear_forward_keep(h, w, y, inv_t: float):
+    """``linear_forward`` (torch backend) that also returns the float32 ``[N, V]`` logits for
+    ``linear_backward(logits=...)``: the caller spends N*V*4 bytes to save the backward's
+    logits GEMM (three logits-sized GEMMs in all instead of four)."""
+    n, v = h.shape[0], w.shape[0]
+    mod = _native_for(h)
+    if mod is not None:             # raw logits; the sweeps apply 1/T and the clamp
+        m, s, t, zy = state = _native_state(n)
+        z = torch.empty(n, v)
+        _NativeWeight(mod, w).stats_(h, y, 0, inv_t, state, z.view(-1), keep=True)
+    else:                           # scaled, clamped logits
+        z = _logits(h, w, inv_t, _needs_clamp(w))
+        m = z.amax(1)
+        e = torch.sub(z, m[:, None]).exp_()
+        s, t, zy = e.sum(1), torch.linalg.vecdot(e, z), _pick(z, y, 0)
+        del e
+    lse = m + torch.log(s)
+    ent = lse - t / s
+    return zy - lse, ent, lse, z
+
+
+def _kept_grad_block(h, logits, gdtype, buf_elems):
+    """dL/dz of a block of kept logits (``linear_forward_keep``), for ``linear_backward``."""
+    mod = _native_for(h)
+    if mod is None:
+        def block(z, yc, c0, lse, ent, gl, ge, inv_t):
+            dz = _dz_(z.clone(), torch.sub(z, lse[:, None]).exp_(), torch.ones_like(lse),
+                      lse - ent, yc, c0, gl, ge)
+            return (dz.mul_(inv_t) if inv_t != 1.0 else dz).to(gdtype)
+        return block
+    dzbuf = torch.empty(buf_elems, dtype=gdtype)
+
+    def block(z, yc, c0, lse, ent, gl, ge, inv_t):  # noqa: E306
+        out = dzbuf[:z.numel()].view(z.shape)
+        a, b = _dz_coefficients(lse, ent, gl, ge)
+        mod.grad_logits(z, yc, c0, inv_t, lse, a, b, gl.float().contiguous(), inv_t, out)
+        return out
+    return block
+
+
 def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
-                    need_h: bool = True, need_w: bool = True):
+                    need_h: bool = True, need_w: bool = True, logits=None):
     """Gradients of ``sum(gl * logp + ge * entropy)`` w.r.t. ``h`` and ``w``.
 
     Walks the [N x V] plane in fixed-size blocks, vocabulary blocks outermost: each block's
@@ -430,6 +470,8 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
     torch), then two GEMMs fold it into ``dh`` (float32, [N, D]) and into the float32
     accumulator of the current vocabulary slice of ``dw`` ([cols, D]), which is written out
     once.  Extra memory: N*D*4 + cols*D*4 + one block; never O(V*D) in float32.
+    ``logits``: the ``[N, V]`` logits kept by ``linear_forward_keep`` (torch backend), read
+    instead of recomputed.
     """
     n, v = h.shape[0], w.shape[0]
     rows, cols = _block_shape(n, v, h.is_cuda)
@@ -455,6 +497,8 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
         clamp = _needs_clamp(w)
         def grad_block(*args):  # noqa: E306
             return _torch_grad_logits(*args, clamp=clamp)
+    if logits is not None:
+        kept_block = _kept_grad_block(h, logits, gdtype, min(n, rows) * min(v, cols))
     row_blocks = [slice(r0, r0 + rows) for r0 in range(0, n, rows)]
     if not h.is_cuda:  # skip blocks nothing flows into (e.g. all ignored); no host sync on GPU
         row_blocks = [sl for sl in row_blocks
@@ -465,8 +509,12 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
         dw_acc = None
         for sl in row_blocks:
             hc = h[sl]
-            dz = grad_block(hc, wc, y[sl], c0, lse[sl], ent[sl], gl[sl],
-                            None if ge is None else ge[sl], inv_t, gdtype)
+            if logits is None:
+                dz = grad_block(hc, wc, y[sl], c0, lse[sl], ent[sl], gl[sl],
+                                None if ge is None else ge[sl], inv_t, gdtype)
+            else:
+                dz = kept_block(logits[sl, c0:c0 + cols], y[sl], c0, lse[sl], ent[sl], gl[sl],
+                                None if ge is None else ge[sl], inv_t)
             if need_h:
                 dh[sl] += _mm_f32(dz, wg)
             if need_w:
@@ -537,25 +585,29 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
 
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, y, inv_t, backend):
-        logp, ent, lse = linear_forward(h, w, y, inv_t, backend)
-        ctx.save_for_backward(h, w, y, lse, ent)
+    def forward(ctx, h, w, y, inv_t, backend, keep_logits=False):
+        logits = None
+        if keep_logits and backend == "torch" and h.shape[0] and any(ctx.needs_input_grad[:2]):
+            logp, ent, lse, logits = linear_forward_keep(h, w, y, inv_t)
+        else:
+            logp, ent, lse = linear_forward(h, w, y, inv_t, backend)
+        ctx.save_for_backward(h, w, y, lse, ent, logits)
         ctx.inv_t, ctx.backend = inv_t, backend
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, w, y, lse, ent = ctx.saved_tensors
+        h, w, y, lse, ent, logits = ctx.saved_tensors
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         ge = None if g_ent is None else g_ent.float().contiguous()
         dh, dw = linear_backward(h, w, y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
-                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None, None, None
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits)
+        return dh, dw, None, None, None, None
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, return_entropy: bool = False,
-                   ignore_index: int = -100, backend: str = "auto"):
+                   ignore_index: int = -100, backend: str = "auto", keep_logits: bool = False):
     """Log-probabilities of ``targets`` under ``softmax(hidden @ weight.T / temperature)``.
 
     Args:
@@ -567,6 +619,9 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         return_entropy: also return the entropy of the temperature-scaled distribution.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"`` or
             ``"reference"`` (naive full logits, tests only).
+        keep_logits: keep the float32 ``[N, V]`` logits from the forward for the backward
+            (torch backend, when a gradient is wanted): N*V*4 bytes more, one logits-sized
+            GEMM less (three instead of four).  Off by default: memory stays O(block).
 
     Returns:
         ``logp`` (float32, shape of ``targets``), and ``entropy`` when asked for.  Both are
@@ -585,7 +640,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     y = targets.reshape(-1).long()
     valid = y != ignore_index
     logp, ent = _FusedLogprobs.apply(h, w, torch.where(valid, y, -1), 1.0 / float(temperature),
-                                     backend)
+                                     backend, bool(keep_logits))
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     logp = torch.where(valid, logp, zero).reshape(shape)
     if not return_entropy:
