@@ -233,7 +233,7 @@ int64_t group_cols(int64_t d, int64_t c) {
   return std::min<int64_t>(std::min<int64_t>(g, 1024), ((c + kTile - 1) / kTile) * kTile);
 }
 
-constexpr int64_t kRows = 32;   // brgemm row tile
+constexpr int64_t kRows = 64;   // brgemm row tile
 
 // For each (row tile, column group) of h @ w^T (w from pack_bf16, c columns): the raw fp32
 // logits of the tile into a per-thread scratch [kRows, G], then fn(row0, rows, col0, cols,

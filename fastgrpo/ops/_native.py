@@ -5,7 +5,8 @@
 * ``FASTGRPO_NATIVE=0`` forces the torch path (tests run both ways); ``=1`` makes a failed
   build an error instead of a fallback; unset (``auto``) builds when it can.
 * The build is a JIT build through ``torch.utils.cpp_extension.load`` (g++ or clang, ninja,
-  OpenMP), ``-O3 -march=native``, cached in ``$FASTGRPO_CACHE_DIR`` or
+  OpenMP), ``-O3 -march=native`` on x86 (AVX-512 intrinsics where the CPU has them, plain
+  loops otherwise; ``FASTGRPO_NATIVE_CFLAGS`` replaces the flags), cached in ``$FASTGRPO_CACHE_DIR`` or
   ``~/.cache/fastgrpo/native/`` under a name that holds the torch version and a hash of the
   CPU's flags, so a cache shared between machines never loads code built for another CPU.
   First use costs ~1 min on two cores; later processes load the cached library.
@@ -61,11 +62,26 @@ def _build():
     name = f"fastgrpo_cpu_t{version}_py{sys.version_info.major}{sys.version_info.minor}"
     root = Path(os.environ.get("FASTGRPO_CACHE_DIR")
                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastgrpo")
+    flags = os.environ.get("FASTGRPO_NATIVE_CFLAGS", "").split() or _default_flags()
+    name += _flags_tag(flags)
     build_dir = root / "native" / f"{name}_{_cpu_tag()}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(src)], build_directory=str(build_dir),
-                extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                verbose=False)
+    return load(name=name, sources=[str(src)],
+                build_directory=str(build_dir), extra_cflags=flags,
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _default_flags():
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+    return ["-O3", "-fopenmp"]
+
+
+def _flags_tag(flags):
+    """'' for the default flags, else a short hash: other flags build another library."""
+    if flags == _default_flags():
+        return ""
+    return "_f" + hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
 
 
 def native():

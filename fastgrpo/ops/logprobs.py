@@ -348,7 +348,7 @@ def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
     logp = torch.empty(n)
     ent = torch.empty(n)
     dh = torch.empty(n, h.shape[1], dtype=h.dtype) if need_h else None
-    dw = torch.zeros(v, h.shape[1]) if need_w else None
+    dw = None if not need_w else torch.empty(v, h.shape[1]) if n else torch.zeros(v, h.shape[1])
     for r0 in range(0, n, rows):
         sl = slice(r0, r0 + rows)
         hr, yr = h[sl], y[sl]
@@ -365,7 +365,12 @@ def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
             dh[sl] = _mm_f32(dz, wg)
         if need_w:
             if dz.dtype == torch.float32:
-                dw.addmm_(dz.T, hr.float())
+                if r0 == 0:
+                    torch.mm(dz.T, hr.float(), out=dw)
+                else:
+                    dw.addmm_(dz.T, hr.float())
+            elif r0 == 0:
+                dw.copy_(dz.T @ hr.to(gd))
             else:
                 mod.add_bf16_(dw, dz.T @ hr.to(gd))
     return logp, ent, dh, (None if dw is None else dw.to(w.dtype))
