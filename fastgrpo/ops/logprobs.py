@@ -59,9 +59,11 @@ _BLOCK_ELEMS_CUDA = 1 << 24
 # slices of ~_SLICE_ELEMS so its temporaries stay in cache.  Measured on this 2-core EPYC (one
 # thread, fresh process): 1024x256x32768 69 MiB peak extra (177 MiB with 16M-element blocks and
 # 2M-element slices, at the same speed), 4096x512x65536 204 MiB (281), 2048x1024x151936
-# 754 MiB (744; 594 of it is dW itself).
+# 754 MiB (744; 594 of it is dW itself).  At least 256 rows since 2026-12-06: the three fp32
+# GEMMs of 128-row blocks ran 1.15x slower than of 256-row blocks at 4096x512x65536 (5.9 s
+# against 5.1 s, one thread of a Xeon with AMX), for 32 MiB more block at V = 65536.
 _ONE_PASS_ELEMS = 1 << 22
-_ONE_PASS_MIN_ROWS = 128
+_ONE_PASS_MIN_ROWS = 256
 _SLICE_ELEMS = 1 << 19
 # CUDA: whole blocks at once (slices would be thousands of tiny launches); 32M elements = 128 MiB
 # of fp32 logits plus the same for exp() and half that for the bf16 dz.
