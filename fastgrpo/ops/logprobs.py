@@ -27,7 +27,12 @@ recompute, the same fixed-size workspace.
 Backends
 --------
 * ``torch``: blocks computed with ``torch.mm``; forward merges vocabulary blocks with an
-  online log-sum-exp.  The CPU default.
+  online log-sum-exp.  The CPU default.  On CPU (fp32, bf16) the blocks go through the native
+  kernels of ``csrc/`` when they are built (``fastgrpo.ops._native``; ``FASTGRPO_NATIVE=0``
+  forces plain torch): bf16 logits GEMMs with an fp32 result (oneDNN brgemm) whose tiles feed
+  one fused sweep for the row statistics and one for dz while in cache, and for fp32 the same
+  two sweeps over ``torch.mm`` blocks.  ``keep_logits=True`` keeps the ``[N, V]`` logits for
+  the backward instead (three GEMMs, N*V*4 bytes).
 * ``triton``: the forward is one fused Triton kernel (logits tiles on tensor cores, online
   log-sum-exp and entropy in registers, nothing written but three floats per row).  The
   backward recomputes each block's logits *and* forms ``dL/dz`` in one Triton kernel, then
