@@ -81,7 +81,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(line_number, value)`` for every non-blank line; :class:`KBError` naming
     ``file:line`` for a line that is not JSON, ``FileNotFoundError`` for a missing file."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a BOM is dropped; \r\n read as \n
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -73,15 +73,15 @@ def load_image_processor(path: str | os.PathLike, *, min_pixels: int = 0, max_pi
     if not f.is_file():
         raise FileNotFoundError(f"model directory {str(path)!r} is a vision-language model but has "
                                 f"no preprocessor_config.json (its image processor)")
-    conf = json.loads(f.read_text())
+    conf = json.loads(f.read_text(encoding="utf-8-sig"))
     name = conf.get("image_processor_type") or ""
     base = name.removesuffix("Fast").removesuffix("Pil")
     cls = getattr(transformers, base + "Pil", None) or _pil_class(base)
     if cls is None:
         from transformers import AutoImageProcessor
         ip = AutoImageProcessor.from_pretrained(path)
-    else:
-        ip = cls.from_pretrained(path)
+    else:  # from the dict read above (from_pretrained's own reader refuses a UTF-8 BOM)
+        ip = cls.from_dict(conf)
     if min_pixels or max_pixels:
         if not hasattr(ip, "max_pixels") and "longest_edge" not in (getattr(ip, "size", None) or {}):
             raise VisionError(f"--min-pixels/--max-pixels: the image processor {type(ip).__name__} "
@@ -119,6 +119,8 @@ def load_images(paths: Sequence[str | os.PathLike], where: str = ""):
     for p in paths:
         p = Path(p)
         pre = f"{where}: " if where else ""
+        if p.is_dir():
+            raise VisionError(f"{pre}image path {str(p)!r} is a directory, not an image file")
         if not p.is_file():
             raise VisionError(f"{pre}image not found: {str(p)!r}")
         try:

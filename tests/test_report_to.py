@@ -147,7 +147,8 @@ def test_wandb_run_of_a_signal_says_failed_and_a_resume_continues_the_steps(tmp_
     f = tmp_path / "rw.py"
     f.write_text("import os, signal\nSENT = []\n"
                  "def kill(prompts, completions, **kw):\n"
-                 "    if not SENT:\n        SENT.append(1)\n"
+                 "    if not SENT and len(completions) > 1:  # a training step's, not the eval's\n"
+                 "        SENT.append(1)\n"
                  "        os.kill(os.getpid(), signal.SIGTERM)\n"
                  "    return [0.0] * len(completions)\n")
     out = tmp_path / "o"

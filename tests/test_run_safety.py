@@ -294,9 +294,12 @@ def test_collapsed_run_warns_naming_the_steps(tmp_path, capsys):
 
 @pytest.mark.parametrize("sig, code_", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_first_signal_checkpoints_and_exits_with_resume_hint(tmp_path, capsys, sig, code_):
+    # the signal comes during the first training step's scoring (the held-out eval scores
+    # one completion per prompt, a step group_size = 2 per prompt)
     f = _reward_file(tmp_path, "import os, signal\nSENT = []\n"
                      "def kill(prompts, completions, **kw):\n"
-                     f"    if not SENT:\n        SENT.append(1)\n        os.kill(os.getpid(), {int(sig)})\n"
+                     f"    if not SENT and len(completions) > 1:\n        SENT.append(1)\n"
+                     f"        os.kill(os.getpid(), {int(sig)})\n"
                      "    return [0.0] * len(completions)\n")
     out = tmp_path / "o"
     before = signal.getsignal(sig)  # SIG_IGN where the test runner was started in the background
@@ -315,8 +318,9 @@ def test_first_signal_checkpoints_and_exits_with_resume_hint(tmp_path, capsys, s
 def test_second_signal_exits_at_once(tmp_path, capsys):
     f = _reward_file(tmp_path, "import os, signal\n"
                      "def kill(prompts, completions, **kw):\n"
-                     "    os.kill(os.getpid(), signal.SIGTERM)\n"
-                     "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                     "    if len(completions) > 1:  # a training step, not the held-out eval\n"
+                     "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                     "        os.kill(os.getpid(), signal.SIGTERM)\n"
                      "    return [0.0] * len(completions)\n")
     out = tmp_path / "o"
     code, _, err = _main(capsys, "--out-dir", str(out), "--steps", "3", "--reward", f"{f}:kill=0")

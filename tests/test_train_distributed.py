@@ -80,7 +80,11 @@ def test_two_processes_equal_one_process(tmp_path, strategy):
               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
               str(runner), *ARGS, "--out-dir", str(two), "--dp-strategy", strategy])
     assert r.stdout.count("held-out greedy") == 1  # rank 0 alone reports
+    assert_same_run(one, two)
 
+
+def assert_same_run(one: Path, two: Path) -> None:
+    """The 2-rank run in ``two`` computed what the 1-process run in ``one`` did."""
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in m2] == [1, 2]

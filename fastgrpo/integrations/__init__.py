@@ -5,6 +5,8 @@
   and thin verl / OpenRLHF argument adapters.  Re-exported here.
 * ``fastgrpo.integrations.trl``: ``FastGRPOTrainer`` / ``patch_grpo_trainer`` for TRL's
   ``GRPOTrainer`` (needs ``pip install "fastgrpo[trl]"``; imported on demand, not here).
+* ``fastgrpo.integrations.verl``: importing it registers ``impl_backend="fastgrpo"`` for verl's
+  own fused-kernel actor forward (``use_fused_kernels``; needs verl; imported on demand).
 """
 
 from fastgrpo.integrations.generic import (backbone_hidden_states, lm_head_weight,

@@ -49,6 +49,7 @@ import os
 import torch
 
 from fastgrpo.ops._native import native as _native
+from fastgrpo.ops.sharded import full_weight, refuse_partitioned, sharded_grad
 
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
            "linear_one_pass", "linear_forward_keep", "one_pass_pays", "BACKENDS", "validate_inputs", "resolve_backend"]
@@ -89,10 +90,14 @@ def _block_shape(n: int, v: int, cuda: bool = False) -> tuple[int, int]:
 
 
 def validate_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-              temperature: float, ignore_index: int, backend: str) -> None:
+              temperature: float, ignore_index: int, backend: str,
+              vocab_size: int | None = None) -> None:
+    """Raise on bad inputs; targets must lie in ``[0, vocab_size)`` (default ``weight``'s rows;
+    the global vocabulary when ``weight`` is a vocabulary-parallel shard)."""
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got "
                         f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+    refuse_partitioned(weight)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)}")
@@ -123,7 +128,7 @@ def validate_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if bool(valid.any()):
             t = targets[valid]
             lo, hi = int(t.min()), int(t.max())
-            v = weight.shape[0]
+            v = weight.shape[0] if vocab_size is None else vocab_size
             if lo < 0 or hi >= v:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"target {bad} is outside [0, {v}) (vocabulary size {v}); "
@@ -598,11 +603,12 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, y, inv_t, backend, keep_logits=False):
+        # w: a plain weight, or an FSDP2-sharded DTensor gathered per pass (ops/sharded.py)
         logits = None
         if keep_logits and backend == "torch" and h.shape[0] and any(ctx.needs_input_grad[:2]):
-            logp, ent, lse, logits = linear_forward_keep(h, w, y, inv_t)
+            logp, ent, lse, logits = linear_forward_keep(h, full_weight(w), y, inv_t)
         else:
-            logp, ent, lse = linear_forward(h, w, y, inv_t, backend)
+            logp, ent, lse = linear_forward(h, full_weight(w), y, inv_t, backend)
         ctx.save_for_backward(h, w, y, lse, ent, logits)
         ctx.inv_t, ctx.backend = inv_t, backend
         return logp, ent
@@ -612,14 +618,15 @@ class _FusedLogprobs(torch.autograd.Function):
         h, w, y, lse, ent, logits = ctx.saved_tensors
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         ge = None if g_ent is None else g_ent.float().contiguous()
-        dh, dw = linear_backward(h, w, y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
+        dh, dw = linear_backward(h, full_weight(w), y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits)
-        return dh, dw, None, None, None, None
+        return dh, sharded_grad(dw, w), None, None, None, None
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, return_entropy: bool = False,
-                   ignore_index: int = -100, backend: str = "auto", keep_logits: bool = False):
+                   ignore_index: int = -100, backend: str = "auto",
+                   vocab_parallel_group=None, keep_logits: bool = False):
     """Log-probabilities of ``targets`` under ``softmax(hidden @ weight.T / temperature)``.
 
     Args:
@@ -631,15 +638,26 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         return_entropy: also return the entropy of the temperature-scaled distribution.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"`` or
             ``"reference"`` (naive full logits, tests only).
+        vocab_parallel_group: a ``torch.distributed`` process group over which the vocabulary
+            is split: ``weight`` is then this rank's rows ``[V_r, D]`` (shards in rank order),
+            ``hidden`` the same on every rank and ``targets`` global ids; the softmax is over
+            the whole vocabulary and ``hidden``'s gradient is summed over the group
+            (``fastgrpo.ops.vocab_parallel``).
         keep_logits: keep the float32 ``[N, V]`` logits from the forward for the backward
             (torch backend, when a gradient is wanted): N*V*4 bytes more, one logits-sized
             GEMM less (three instead of four).  Off by default: memory stays O(block).
+            Not with ``vocab_parallel_group``.
 
     Returns:
         ``logp`` (float32, shape of ``targets``), and ``entropy`` when asked for.  Both are
         differentiable with respect to ``hidden`` and ``weight``.
     """
-    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend)
+    vocab = start = None
+    if vocab_parallel_group is not None:
+        from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_range
+        check_vocab_parallel(weight, backend)
+        start, _, vocab = vocab_range(weight, vocab_parallel_group)
+    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend, vocab)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         logp, ent = naive_logprobs(hidden, weight, targets, temperature=temperature,
@@ -651,8 +669,14 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = targets.reshape(-1).long()
     valid = y != ignore_index
-    logp, ent = _FusedLogprobs.apply(h, w, torch.where(valid, y, -1), 1.0 / float(temperature),
-                                     backend, bool(keep_logits))
+    if vocab_parallel_group is not None:
+        from fastgrpo.ops.vocab_parallel import vocab_parallel_logprobs
+        logp, ent = vocab_parallel_logprobs(h, w, torch.where(valid, y, -1),
+                                            1.0 / float(temperature), backend,
+                                            vocab_parallel_group, start)
+    else:
+        logp, ent = _FusedLogprobs.apply(h, w, torch.where(valid, y, -1),
+                                         1.0 / float(temperature), backend, bool(keep_logits))
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     logp = torch.where(valid, logp, zero).reshape(shape)
     if not return_entropy:

@@ -67,6 +67,7 @@ from torch import nn
 
 from fastgrpo.ops.logprobs import (linear_backward, linear_forward, linear_one_pass,
                                   one_pass_pays, resolve_backend, validate_inputs)
+from fastgrpo.ops.sharded import full_weight, is_dtensor, sharded_grad
 
 __all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS", "NORMALIZERS"]
 
@@ -403,7 +404,8 @@ class _FusedGRPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, y, inv_t, backend, objective):
-        logp, ent, lse = linear_forward(h, w, y, inv_t, backend)
+        # w: a plain weight, or an FSDP2-sharded DTensor gathered per pass (ops/sharded.py)
+        logp, ent, lse = linear_forward(h, full_weight(w), y, inv_t, backend)
         with torch.enable_grad():
             lp = logp.detach().requires_grad_()
             en = ent.detach().requires_grad_()
@@ -418,10 +420,10 @@ class _FusedGRPO(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h, w, y, lse, ent, gl, ge = ctx.saved_tensors
         g = grad_loss.float()
-        dh, dw = linear_backward(h, w, y, lse, ent, gl * g, None if ge is None else ge * g,
-                                 ctx.inv_t, ctx.backend,
+        dh, dw = linear_backward(h, full_weight(w), y, lse, ent, gl * g,
+                                 None if ge is None else ge * g, ctx.inv_t, ctx.backend,
                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None, None, None, None
+        return dh, sharded_grad(dw, w), None, None, None, None
 
 
 class _OnePassGRPO(torch.autograd.Function):
@@ -474,7 +476,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               gather_entropies=None, off_policy_mask_threshold: float | None = None,
               sampling_logp=None, bias_correction_kl: bool = False,
               entropy_mean_divisor: float | None = None,
-              ignore_index: int = -100, backend: str = "auto", one_pass: bool | None = None):
+              ignore_index: int = -100, backend: str = "auto", one_pass: bool | None = None,
+              vocab_parallel_group=None):
     """Clipped StepGRPO/GRPO policy loss straight from hidden states.
 
     Layouts:
@@ -526,7 +529,11 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             and keep the two-pass path).  ``None``: on for the torch backend on CPU, where it
             measures faster, except bf16 through the native kernels (a recomputed bf16 logits
             GEMM costs less than storing and re-reading fp32 logits there: bench/results);
-            ``False`` forces the two-pass path.
+            ``False`` forces the two-pass path.  An FSDP2-sharded (DTensor) ``weight`` takes
+            the two-pass path, gathered in forward and again in backward.
+        vocab_parallel_group: the vocabulary is split over this process group: ``weight`` is
+            this rank's rows, ``hidden`` and everything else the same on every rank, targets
+            global ids (``fused_logprobs``'s argument; always the two-pass path).
 
     Returns:
         ``(loss, metrics)``: a float32 scalar differentiable w.r.t. ``hidden`` and ``weight``,
@@ -582,7 +589,12 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if not 0 <= top_entropy_quantile <= 1:
         raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile!r}")
 
-    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend)
+    vocab = start = None
+    if vocab_parallel_group is not None:
+        from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_range
+        check_vocab_parallel(weight, backend)
+        start, _, vocab = vocab_range(weight, vocab_parallel_group)
+    validate_inputs(hidden, weight, targets, temperature, ignore_index, backend, vocab)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         backend = "torch"  # the reference is a test oracle for fused_logprobs only
@@ -623,7 +635,12 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     need_w = torch.is_grad_enabled() and w.requires_grad
     if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
         one_pass = backend == "torch" and not h.is_cuda and one_pass_pays(h)
-    if one_pass and objective.token_local and (need_h or need_w):
+    if vocab_parallel_group is not None:   # the objective on the gathered [M] statistics
+        from fastgrpo.ops.vocab_parallel import vocab_parallel_logprobs
+        logp, ent = vocab_parallel_logprobs(h_tok, w, y_tok, 1.0 / float(temperature), backend,
+                                            vocab_parallel_group, start)
+        loss = objective(logp, ent)
+    elif one_pass and objective.token_local and (need_h or need_w) and not is_dtensor(w):
         loss = _OnePassGRPO.apply(h_tok, w, y_tok, 1.0 / float(temperature), objective,
                                   need_h, need_w)
     else:

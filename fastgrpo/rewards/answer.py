@@ -40,6 +40,7 @@ from ._text import sub_until_stable
 __all__ = [
     "answers_match",
     "extract_answer",
+    "gold_answer",
     "normalize_answer",
     "parse_number",
     "set_backend",
@@ -96,6 +97,7 @@ def get_backend() -> str:
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
 _FINAL_HDR_RE = re.compile(r"(?:###\s*)?the\s+final\s+answer\s+is\s*:?", re.I)
+_GSM8K_RE = re.compile(r"(?:^|\n|[^#])####(?!#)\s*")  # GSM8K's "#### 42" (not R1-VL's "###")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -146,7 +148,7 @@ def _strip_wrappers(s: str) -> str:
 def extract_answer(text: str | None) -> str | None:
     """The final answer in ``text``.
 
-    Order: the last ``\\boxed{...}``; else the inside of ``<answer>...</answer>``;
+    Order: the last ``\\boxed{...}``; else what follows GSM8K's last ``#### ``; else the inside of ``<answer>...</answer>``;
     else what follows "The final answer is:"; else the text itself.  Of that,
     the first non-empty line, without surrounding ``$``/``\\(``/``**`` and a
     trailing full stop.  ``None`` when nothing is left.
@@ -158,8 +160,13 @@ def extract_answer(text: str | None) -> str | None:
     if not text.strip():
         return None
     boxed = _last_boxed(text) if "\\" in text else None
+    gsm = list(_GSM8K_RE.finditer(text)) if "####" in text else []
     if boxed is not None:
         s = boxed
+    elif gsm:  # GSM8K: the answer follows the last "####"
+        s = text[gsm[-1].end():].strip()
+        if "\n" in s:
+            s = s.split("\n", 1)[0]
     else:
         s = text
         if "<" in s:
@@ -445,6 +452,15 @@ def _sympy_match(pred: str, ref: str) -> bool:
 # main entry
 
 
+def gold_answer(ref: str) -> str:
+    """The reference answer a data set's answer field holds: after GSM8K's last ``####``
+    (``"... 48 + 24 = 72 clips.\\n#### 72"`` -> ``"72"``), inside a LaTeX solution's last
+    ``\\boxed{}`` (MATH), else the field as it is."""
+    if "####" not in ref and "boxed" not in ref:
+        return ref
+    return extract_answer(ref) or ref
+
+
 def answers_match(pred: str | None, ref: str | None, *, backend: str | None = None) -> bool:
     """Whether ``pred`` (a final answer, possibly ``\\boxed``) equals ``ref``.
 
@@ -467,6 +483,7 @@ def answers_match(pred: str | None, ref: str | None, *, backend: str | None = No
 @functools.lru_cache(maxsize=65536)
 def _match_cached(pred: str, ref: str, backend: str) -> bool:
     p_raw = extract_answer(pred)
+    ref = gold_answer(ref)
     r_raw = normalize_answer(ref, lower=False) if ref.strip() else ""
     if not p_raw or not r_raw:
         return False

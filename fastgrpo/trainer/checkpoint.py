@@ -74,6 +74,8 @@ from typing import Any
 import torch
 
 from fastgrpo.hf import unwrap_model
+from fastgrpo.trainer.diskio import (WriteError, check_safetensors, fsync_file, pid_alive,
+                                     tensor_bytes, write_directory, writing)
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -81,6 +83,7 @@ __all__ = [
     "MODEL_FILE",
     "STATE_FILE",
     "CheckpointError",
+    "CheckpointMismatchError",
     "NonFiniteLossError",
     "capture_rng_state",
     "check_finite_loss",
@@ -108,6 +111,15 @@ _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, found or loaded (the message names the path)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's tensors do not fit the model (another architecture or vocabulary);
+    ``.extra`` holds the checkpoint's training state (its config names its ``--model``)."""
+
+    def __init__(self, message: str, extra: dict | None = None):
+        super().__init__(message)
+        self.extra = extra or {}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -213,27 +225,6 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _is_distributed_tensor_model(model) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
@@ -279,50 +270,42 @@ def _full_state_dicts(model, optimizer) -> tuple[dict, dict | None]:
 def _write_atomically(root: Path, step: int, tensors: dict, state: dict, *,
                       run_id: str | None = None, save_extra=None) -> Path:
     """Write ``root/step-N/`` (weights, trainer state, manifest with sizes and sha256) into a
-    temporary directory, fsync it, then rename it into place; an existing checkpoint of the
-    same step is moved aside first, so a valid checkpoint exists at every instant."""
+    temporary directory, fsync it, then rename it into place (``diskio.write_directory``); an
+    existing checkpoint of the same step is moved aside first, so a valid checkpoint exists at
+    every instant.  A failed write (disk full) raises ``WriteError`` naming the file and the
+    bytes it needed; the temporary directory is removed."""
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / _step_name(step)
-    tmp = root / f".tmp-{_step_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-        torch.save(state, tmp / STATE_FILE)
+    def fill(tmp: Path) -> None:
+        with writing(tmp / MODEL_FILE, tensor_bytes(tensors)):
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        with writing(tmp / STATE_FILE, tensor_bytes(state)):
+            torch.save(state, tmp / STATE_FILE)
         if save_extra is not None:  # e.g. config.json + tokenizer: the directory loads as --model
-            save_extra(tmp)
+            with writing(tmp):
+                save_extra(tmp)
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
-                _fsync_file(p)
+                fsync_file(p)
                 files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
         manifest = {"format": FORMAT_VERSION, "step": step, "files": files,
                     "torch": torch.__version__, "time": time.time()}
         if run_id is not None:
             manifest["run_id"] = run_id
         mpath = tmp / MANIFEST_FILE
-        with open(mpath, "w") as f:
+        with writing(mpath), open(mpath, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():
-            old = root / f".old-{_step_name(step)}-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    def verify(tmp: Path) -> None:
+        try:
+            check_safetensors(tmp / MODEL_FILE)
+        except ValueError as e:
+            raise WriteError(tmp / MODEL_FILE, tensor_bytes(tensors), e) from None
+
+    return write_directory(root / _step_name(step), fill, verify)
 
 
 def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
@@ -512,6 +495,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     model = unwrap_model(model)
     tensors = load_file(str(path / MODEL_FILE))
     state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=False)
+    _check_shapes(path, tensors, model, dict(state.get("extra") or {}))
     if _is_distributed_tensor_model(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -552,6 +536,18 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, scheduler=None
     extra.setdefault("step", int(state["step"]))
     log.info("loaded checkpoint %s (step %d)", path, extra["step"])
     return extra
+
+
+def _check_shapes(path: Path, tensors: dict, model, extra: dict) -> None:
+    """Every stored tensor has the shape of the model's; else ``CheckpointMismatchError``
+    naming the parameter and both shapes (before any tensor is copied)."""
+    live = model.state_dict()
+    for k, t in tensors.items():
+        if k in live and tuple(live[k].shape) != tuple(t.shape):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not fit the model: parameter {k!r} has shape "
+                f"{list(t.shape)} in the checkpoint and {list(live[k].shape)} in the model",
+                extra)
 
 
 def _fill_tied(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
@@ -606,18 +602,8 @@ def prune(run_dir, keep_last: int, *, run_id: str | None = None, keep=()) -> lis
         for p in root.iterdir():
             if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
                 pid = p.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                     continue  # another live writer
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -61,7 +61,7 @@ class TrainConfig:
                                  "step_type each, or multi-turn retrieval with --rollout-mode online) | "
                                  "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
-    eval_file: str = _f("", "held-out JSONL for greedy eval; default: the built-in task's eval split")
+    eval_file: str = _f("", "held-out JSONL for greedy eval (needs --train-file); default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
     seed: int = _f(0, "random seed (data order, sampling, initialisation)")
     device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
@@ -138,8 +138,9 @@ class TrainConfig:
     mask_truncated: bool = _f(True, "exclude completions that hit --max-new-tokens from the loss")
     # logging and eval
     eval_every: int = _f(20, "held-out greedy eval every N steps (0: only before and after)")
-    eval_size: int = _f(200, "held-out problems per eval")
-    sample_every: int = _f(10, "print a sampled completion every N steps (0: never)")
+    eval_size: int = _f(200, "held-out problems per eval (0: no held-out evaluation)")
+    sample_every: int = _f(10, "print (and log to samples.jsonl) a sampled completion at the first step and every "
+                           "N steps (0: never)")
     plot: bool = _f(True, "write training curves to <out_dir>/curves.png at the end")
     save: bool = _f(True, "save the final model to <out_dir>/model")
     progress: bool = _f(True, "progress bar on stderr")
@@ -172,6 +173,26 @@ class TrainConfig:
                             "(Qwen2-VL processors; 0: the model's preprocessor_config.json)")
     max_pixels: int = _f(0, "vision-language model: largest image area in pixels after resizing "
                             "(R1-VL's 2B run used 400000; 0: the model's preprocessor_config.json)")
+    # a user's data and format (tasks/formats.py, trainer/prompting.py, rewards/free.py)
+    prompt_column: str = _f("prompt", "the data files' column holding the prompt (a string, or a list "
+                                      "of chat messages), e.g. question for GSM8K")
+    answer_column: str = _f("answer", "the column holding the reference answer (GSM8K's '... #### 42' "
+                                      "and a \\boxed{} solution are read as their final answer)")
+    key_steps_column: str = _f("key_steps", "the column holding StepRAR's key steps")
+    image_column: str = _f("image", "the column holding a vision-language row's image(s)")
+    layout: str = _f("", "completion layout the rewards read: r1vl (### Step k: ... ### The final "
+                         "answer is:) | tags (<think> steps </think><answer>) | free (no sections: "
+                         "the answer after ####, in \\boxed{}, after 'the answer is', or the last "
+                         "number; accuracy only, no step rewards); default: the preset's, else r1vl. "
+                         "Given explicitly, a chat model is told the layout in a system prompt "
+                         "unless --system-prompt says otherwise")
+    system_prompt: str = _f("", "system message put before every prompt (through the chat template)")
+    system_prompt_file: str = _f("", "read the system message from this UTF-8 file")
+    top_k: int = _f(0, "sample from the k most likely tokens only (0: off)")
+    min_p: float = _f(0.0, "drop tokens less likely than min_p x the most likely one's probability (0: off)")
+    repetition_penalty: float = _f(1.0, "divide the sampling logits of tokens already in the sequence "
+                                        "by this (>1 discourages repeats; 1: off; the loss sees the policy)")
+    stop: list = _f([], "stop a completion once its text contains this string (kept in it); repeatable")
 
     def validate(self) -> "TrainConfig":
         def bad(name, why):
@@ -205,6 +226,9 @@ class TrainConfig:
             module, install = REPORT_NEEDS[name]
             if importlib.util.find_spec(module) is None:
                 bad("report_to", f"needs the {module} package ({install})")
+        if self.eval_file and not self.train_file:
+            bad("eval_file", "needs --train-file too (the training rows; without it the run "
+                             "would train on the built-in task and evaluate on your file)")
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the run that --resume {self.resume!r} would "
                               f"continue; give one of them")
@@ -213,11 +237,11 @@ class TrainConfig:
         if self.group_size < 2:
             bad("group_size", "must be >= 2 (group-relative advantages need at least two samples)")
         for n in ("steps", "prompts_per_step", "ppo_epochs", "micro_batch_tokens",
-                  "max_new_tokens", "gen_batch_size", "eval_size"):
+                  "max_new_tokens", "gen_batch_size"):
             if getattr(self, n) < 1:
                 bad(n, "must be >= 1")
         for n in ("warmup_steps", "eval_every", "sample_every", "threads", "save_every",
-                  "collapse_warn_steps"):
+                  "collapse_warn_steps", "eval_size", "top_k"):
             if getattr(self, n) < 0:
                 bad(n, "must be >= 0")
         if not self.temperature > 0:
@@ -258,6 +282,7 @@ class TrainConfig:
             bad("lora_target", "names no module (give comma-separated module names, e.g. q_proj,v_proj)")
         if self.keep_last < 1:
             bad("keep_last", "must be >= 1")
+        self._validate_format(bad)
         if self.dp_strategy not in DP_STRATEGIES:
             bad("dp_strategy", f"choose one of {', '.join(DP_STRATEGIES)}")
         if self.attn_implementation.lower() not in ATTENTION_ALIASES:
@@ -282,6 +307,32 @@ class TrainConfig:
                 except ValueError:
                     raise ConfigError(f"invalid --reward {spec!r}: weight is not a number") from None
         return self
+
+
+    def _validate_format(self, bad) -> None:
+        """The user-data, layout and sampling options (the section above)."""
+        from fastgrpo.trainer.prompting import LAYOUT_NAMES
+        if self.layout and self.layout not in LAYOUT_NAMES:
+            bad("layout", f"choose one of {', '.join(LAYOUT_NAMES)}")
+        if self.system_prompt and self.system_prompt_file:
+            raise ConfigError("give --system-prompt or --system-prompt-file, not both")
+        if self.system_prompt_file and not Path(self.system_prompt_file).is_file():
+            bad("system_prompt_file", "file not found")
+        for n in ("prompt_column", "answer_column", "key_steps_column", "image_column"):
+            if not getattr(self, n).strip():
+                bad(n, "names no column")
+        if not 0 <= self.min_p < 1:
+            bad("min_p", "must be in [0, 1)")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0 (1: off)")
+        for x in self.stop:
+            if not isinstance(x, str) or not x:
+                raise ConfigError(f"invalid --stop {x!r}: must be a non-empty string")
+
+    def columns(self) -> dict:
+        """fastgrpo's field -> the data files' column (``--prompt-column`` ...)."""
+        return {"prompt": self.prompt_column, "answer": self.answer_column,
+                "key_steps": self.key_steps_column, "image": self.image_column}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -329,7 +380,7 @@ def load_config_file(path: str) -> dict:
     if suffix == ".toml":
         import tomllib
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
     elif suffix in (".yaml", ".yml"):
@@ -339,7 +390,7 @@ def load_config_file(path: str) -> dict:
             raise ConfigError(f"{p}: YAML config files need PyYAML (pip install pyyaml); "
                               f"or use a .toml file") from None
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
     else:
@@ -348,11 +399,10 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"{p}: expected a mapping of option names to values")
     if set(data) == {"train"} and isinstance(data["train"], dict):
         data = data["train"]
+    from fastgrpo.trainer.aliases import translate_key
     out = {}
     for k, v in data.items():
-        name = str(k).replace("-", "_")
-        if name not in _FIELDS:
-            raise ConfigError(f"{p}: unknown key {k!r} (valid keys: {', '.join(sorted(_FIELDS))})")
+        name, v = translate_key(str(k), v, _FIELDS, where=str(p))
         out[name] = _coerce(name, v)
     return out
 
@@ -387,8 +437,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     Raises ``ConfigError`` for invalid values; argparse exits (code 2) on malformed flags.
     """
+    from fastgrpo.trainer.aliases import translate_argv
     ap = _build_parser()
-    ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    ns = ap.parse_args(translate_argv(sys.argv[1:] if argv is None else list(argv), _FIELDS))
     values = {}
     cfg_file = getattr(ns, "config", None)
     if cfg_file:

@@ -41,11 +41,12 @@ class HFEngine:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     def generate(self, prompt_ids, *, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
-                 do_sample=True, rows=None, prompt_inputs=None, vision=None):
+                 do_sample=True, rows=None, prompt_inputs=None, vision=None, **sampling):
+        """``sampling``: top_k, min_p, repetition_penalty, stop (``rollout.generate``)."""
         return _rollout.generate(self.model, self.tokenizer, prompt_ids, group_size=group_size,
                                  max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, do_sample=do_sample, batch_size=self.batch_size,
-                                 rows=rows, prompt_inputs=prompt_inputs, vision=vision)
+                                 rows=rows, prompt_inputs=prompt_inputs, vision=vision, **sampling)
 
     def sync_weights(self, model) -> None:
         self.model = model
@@ -116,12 +117,18 @@ class VLLMEngine:
             self.asleep = False
 
     def generate(self, prompt_ids, *, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
-                 do_sample=True, rows=None):
+                 do_sample=True, rows=None, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=()):
+        """``top_k``, ``min_p``, ``repetition_penalty`` map onto vLLM's SamplingParams of the same
+        names; ``stop`` strings onto ``stop`` with the string kept (as the hf engine)."""
         from vllm import SamplingParams, TokensPrompt
 
+        stop = list(stop or [])
         params = SamplingParams(n=group_size, temperature=temperature if do_sample else 0.0,
-                                top_p=top_p if do_sample else 1.0, top_k=-1 if do_sample else 1,
-                                max_tokens=max_new_tokens, logprobs=0, detokenize=False,
+                                top_p=top_p if do_sample else 1.0,
+                                top_k=(top_k or -1) if do_sample else 1, min_p=min_p,
+                                repetition_penalty=repetition_penalty,
+                                max_tokens=max_new_tokens, logprobs=0, detokenize=bool(stop),
+                                stop=stop or None, include_stop_str_in_output=True,
                                 stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=False)
         t0 = time.perf_counter()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids],
@@ -134,7 +141,7 @@ class VLLMEngine:
                 comps.append(ids)
                 logps.append([float(lp[t].logprob) for t, lp in zip(ids, c.logprobs)])
         return _rollout.make_samples(self.tokenizer, prompt_ids, group_size, comps, logps, rows,
-                                     seconds)
+                                     seconds, stop)
 
 
 def make_engine(cfg, model, tokenizer, device, world_size: int = 1):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fastgrpo.trainer.config import ConfigError, report_targets
+from fastgrpo.trainer.diskio import writing
 
 __all__ = ["RunLog", "Progress", "peak_memory_mb", "restore_log", "to_json", "json_safe", "step_line"]
 
@@ -57,7 +58,7 @@ def restore_log(path: Path, start: int) -> list[dict]:
     if not path.is_file():
         return []
     kept, rows = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
@@ -66,9 +67,33 @@ def restore_log(path: Path, start: int) -> list[dict]:
             kept.append(line)
             rows.append(row)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept))
-    tmp.replace(path)
+    data = "".join(x + "\n" for x in kept)
+    try:
+        with writing(path, len(data.encode())):
+            tmp.write_text(data)
+            tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return rows
+
+
+def append_line(f, line: str) -> None:
+    """Append ``line`` + newline to the unbuffered binary file ``f`` in full, or not at all: a
+    failed write (disk full) is cut off again and raises ``WriteError`` naming the file."""
+    data = memoryview((line + "\n").encode())
+    pos = f.tell()
+    try:
+        with writing(f.name, len(data)):
+            while data:
+                data = data[f.write(data):]
+    except BaseException:
+        try:
+            os.ftruncate(f.fileno(), pos)
+            f.seek(pos)
+        except OSError:
+            pass
+        raise
 
 
 class Progress:
@@ -124,15 +149,16 @@ class RunLog:
                             for row in restore_log(out_dir / "metrics.jsonl", start)]
             restore_log(out_dir / "samples.jsonl", start)
         mode = "a" if start > 0 else "w"
-        self.metrics_f = (out_dir / "metrics.jsonl").open(mode)
-        self.samples_f = (out_dir / "samples.jsonl").open(mode)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # unbuffered: a line is on disk or absent
+            with writing(out_dir / name):
+                setattr(self, name.split(".")[0] + "_f", open(out_dir / name, mode + "b", buffering=0))
         targets = report_targets(report_to)
         if "tensorboard" in targets:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError(f"--report-to tensorboard needs the tensorboard package "
-                                  f"(pip install tensorboard): {e}") from None
+                raise ConfigError(f"--report-to tensorboard needs the tensorboard package "
+                                  f"(pip install 'fastgrpo[tensorboard]'): {e}") from None
             self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start + 1 if start else None)
         if "wandb" in targets:
             self.wandb = _wandb_run(out_dir, config or {})
@@ -140,24 +166,34 @@ class RunLog:
     def metrics(self, m: dict) -> None:
         if not self.enabled:
             return
-        self.metrics_f.write(to_json(m) + "\n")
-        self.metrics_f.flush()
+        append_line(self.metrics_f, to_json(m))
         if self.stdout:
             print(step_line(m, self.total), flush=True)
         scalars = {k: v for k, v in m.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, m["step"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=m["step"])
+        try:
+            if self.tb is not None:
+                for k, v in scalars.items():
+                    self.tb.add_scalar(k, v, m["step"])
+                self.tb.flush()
+        except Exception as e:  # noqa: BLE001 - a logger never stops the run (metrics.jsonl has it)
+            self.tb = self._logger_failed("tensorboard", e)
+        try:
+            if self.wandb is not None:
+                self.wandb.log(scalars, step=m["step"])
+        except Exception as e:  # noqa: BLE001
+            self.wandb = self._logger_failed("wandb", e)
         self.history.append(m)
+
+    @staticmethod
+    def _logger_failed(name: str, e: Exception) -> None:
+        print(f"warning: --report-to {name} failed ({type(e).__name__}: {e}); it is switched off "
+              f"for the rest of the run (metrics.jsonl has every step)", file=sys.stderr)
+        return None
 
     def sample(self, row: dict) -> None:
         if self.enabled:
-            self.samples_f.write(to_json(row) + "\n")
-            self.samples_f.flush()
+            append_line(self.samples_f, to_json(row))
 
     def close(self, exit_code: int = 0) -> None:
         """Close the files and loggers; ``exit_code`` != 0 marks the wandb run as failed."""

@@ -46,12 +46,20 @@ per step, NaN/inf as null; stdout gets a short human line under ``--no-progress`
 
 The run owns ``--out-dir`` (``outdir.py``: a pid lock file; a fresh run refuses an earlier
 run's outputs unless ``--overwrite``); a resume must match the checkpoint's run identity
-(``run_identity``, or ``--resume-force``); SIGINT/SIGTERM finish the step, checkpoint it and
-exit 130/143 (a second signal exits at once).
+(``run_identity``, or ``--resume-force``); SIGINT/SIGTERM keep the promise their message
+makes in each phase (``_Signals``): set-up and the initial eval stop at once without training,
+a step finishes and is checkpointed, a periodic eval stops and its step is checkpointed, the
+final eval stops after the model is saved; exit 130/143 (a second signal exits at once).  The
+finish (``_finish``) goes in order of importance: ``model/`` written like a checkpoint
+(temporary directory, verified, renamed), the final eval, ``summary.json``, the plot, the
+report; a failure of the last three is a warning.  A failed write (disk full) is a
+``diskio.WriteError``: ``error:`` naming the file and the bytes it needed, the newest
+checkpoint and the ``--resume`` command, exit 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -69,24 +77,29 @@ from typing import Callable
 import torch
 
 from fastgrpo.ops.advantages import constant_groups, group_advantages
-from fastgrpo.rewards import (TAG_LAYOUT, RewardError, RewardResult, RewardSet, default_reward_set,
+from fastgrpo.rewards import (RewardError, RewardResult, RewardSet, default_reward_set,
                               load_reward_function, reward_set_from_spec)
+from fastgrpo.rewards.free import FREE, free_reward_set
 from fastgrpo.tasks.arithmetic import make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer import distributed as dist_
 from fastgrpo.trainer.attention import AttentionBackendError, apply_attention, select_attention
-from fastgrpo.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteLossError,
-                                         capture_rng_state, load_checkpoint, params_are_finite,
-                                         resolve_resume, save_checkpoint)
+from fastgrpo.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointError, CheckpointMismatchError,
+                                         NonFiniteLossError, capture_rng_state, find_latest_valid,
+                                         load_checkpoint, params_are_finite, resolve_resume,
+                                         save_checkpoint)
 from fastgrpo.trainer.config import (ConfigError, TrainConfig, explicit_fields, parse_args,
                                      report_targets)
+from fastgrpo.trainer.diskio import (WriteError, check_safetensors, tensor_bytes, write_directory,
+                                     write_file, writing)
 from fastgrpo.trainer.learn import NO_UPDATE_METRICS, batch_logprobs, lr_at, optimize
 from fastgrpo.trainer.logs import Progress, RunLog, json_safe, peak_memory_mb
 from fastgrpo.trainer.outdir import OutDirLock, check_fresh, check_writable
 from fastgrpo.trainer.packing import MicroBatch, balance_microbatches, pack_bins
 from fastgrpo.trainer.policy import apply_lora, gather_for_generation, load_model, save_lora, wrap_model
 from fastgrpo.trainer.prompts import PromptOrder
+from fastgrpo.trainer.requirements import check_dependencies
 from fastgrpo.trainer.rollout import Rollout, generate
 from fastgrpo.trainer.engines import make_engine
 from fastgrpo.trainer.sample import Sample
@@ -135,8 +148,9 @@ def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
         train, evals = chart_splits(0)  # images as PIL objects in each row's "image"
         return train, evals[:cfg.eval_size]
     if cfg.train_file or cfg.eval_file:
-        train = load_jsonl(cfg.train_file) if cfg.train_file else make_splits(cfg.seed)[0]
-        evals = load_jsonl(cfg.eval_file) if cfg.eval_file else []
+        cols = cfg.columns()
+        train = load_jsonl(cfg.train_file, columns=cols) if cfg.train_file else make_splits(cfg.seed)[0]
+        evals = load_jsonl(cfg.eval_file, columns=cols) if cfg.eval_file else []
     else:
         train, evals = make_splits(0)  # the warm-up model was trained on split seed 0
     return train, evals[:cfg.eval_size]
@@ -148,10 +162,15 @@ def build_reward_set(cfg: TrainConfig, layout=None) -> RewardSet:
 
     ``accuracy``, ``step_rvr`` and ``step_k`` are always computed (weight 0 when the set lacks
     them): the logs and the held-out evaluation read them, whatever the training reward."""
-    default = default_reward_set() if layout is None else default_reward_set(layout=layout)
-    base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
+    if layout == FREE:  # no steps: accuracy (+ answer_found, logged), rewards/free.py
+        default = free_reward_set()
+        base = free_reward_set(cfg.rewards) if cfg.rewards else default
+    else:
+        default = default_reward_set() if layout is None else default_reward_set(layout=layout)
+        base = reward_set_from_spec(cfg.rewards, layout) if cfg.rewards else default
     funcs, weights = dict(base.funcs), dict(base.weights)
-    for name in ("accuracy", "step_rvr", "step_k"):
+    logged = ("accuracy", "answer_found") if layout == FREE else ("accuracy", "step_rvr", "step_k")
+    for name in logged:  # always computed: the logs and the held-out eval read them
         if name not in funcs:
             funcs[name], weights[name] = default.funcs[name], 0.0
     for spec in cfg.reward:
@@ -197,10 +216,12 @@ def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: Tra
     else:
         prompts = [encode(tokenizer, r["prompt"]) for r in rows]
     ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
-                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, **vkw)
+                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                  stop=cfg.stop, **vkw)
     res = reward_set([r["prompt"] for r in rows], ro.texts, **_columns(rows, list(range(len(rows)))))
     stats = res.stats()
-    return {"accuracy": stats["accuracy"]["mean"], "validity": stats["step_rvr"]["mean"]}
+    valid = stats.get("step_rvr") or stats["answer_found"]  # the free layout: an answer was found
+    return {"accuracy": stats["accuracy"]["mean"], "validity": valid["mean"]}
 
 
 # ----------------------------------------------------------------------------- one run's state
@@ -326,7 +347,7 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     train_rows, eval_rows = task.load_data(cfg)
     if model is None:
         backend = select_attention(cfg.attn_implementation, device)
-        model, tokenizer = load_model(cfg.model or None, device=device, attn_implementation=backend)
+        model, tokenizer = _load_model(cfg, device, backend)
     elif cfg.attn_implementation != "auto":
         apply_attention(model, select_attention(cfg.attn_implementation, device))
     model.to(device)
@@ -343,17 +364,15 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     if cfg.beta > 0:  # peft model: learn.optimize disables its adapters (no copy)
         ref_model = model if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
     policy = wrap_model(model, device, strategy=cfg.dp_strategy)
-    layout = TAG_LAYOUT if preset is not None and preset.layout == "tag" else None
-    if layout is None and vision is not None:  # R1-VL's multimodal layout (Image Description)
-        from fastgrpo.rewards import R1VL_MULTIMODAL_LAYOUT as layout
+    from fastgrpo.trainer.prompting import make_encoder, resolve_layout, system_prompt
+    layout = resolve_layout(cfg.layout, preset, vision is not None)  # r1vl | tags | free
+    if layout == FREE and task.name != "routing":
+        task.metric_aliases = {**task.metric_aliases, "validity": "answer_found"}
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    encode = encode_prompt
-    if preset is not None and preset.use_chat_template:
-        from fastgrpo.trainer.presets import encode_chat_prompt
-
-        def encode(tok, text):
-            return encode_chat_prompt(tok, text, preset)
+    encode = make_encoder(system_prompt(cfg, preset))  # --system-prompt, a preset's, chat rows
+    if info.is_main:  # the resolved options this run trains with (a preset's, a task's applied)
+        (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     # greedy eval: rank 0 alone, except under FSDP2 where every rank runs it (forwards of
     # sharded modules must stay in step across ranks)
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
@@ -366,6 +385,32 @@ def _setup(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> _Run:
     return r
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "vocab.txt", "spiece.model")
+
+
+def _load_model(cfg: TrainConfig, device, backend):
+    """``policy.load_model``; a model directory whose tokenizer cannot be loaded is a
+    ``ConfigError`` naming the directory and the files looked for."""
+    try:
+        return load_model(cfg.model or None, device=device, attn_implementation=backend)
+    except (ValueError, OSError, TypeError, KeyError) as e:
+        if isinstance(e, FileNotFoundError) or not cfg.model:
+            raise
+        from transformers import AutoTokenizer
+        try:
+            AutoTokenizer.from_pretrained(cfg.model)
+        except Exception as te:  # noqa: BLE001 - any failure of the tokenizer is the diagnosis
+            found = [n for n in TOKENIZER_FILES if (Path(cfg.model) / n).is_file()]
+            raise ConfigError(
+                f"--model {cfg.model}: its tokenizer cannot be loaded ({type(te).__name__}: "
+                f"{str(te).splitlines()[0][:200] if str(te) else ''}); looked for "
+                f"{', '.join(TOKENIZER_FILES)} and found "
+                f"{', '.join(found) if found else 'none of them'}. Copy the tokenizer files of "
+                f"the model it was trained from into that directory") from None
+        raise
+
+
 def _resume(r: _Run) -> dict:
     """Restore the checkpoint ``--resume`` names (after every set-up step, so the restored RNG
     states are the next ones drawn); returns its extra state (``{}`` when starting fresh)."""
@@ -374,7 +419,8 @@ def _resume(r: _Run) -> dict:
     if path is None:
         if cfg.resume == "auto":  # never start fresh over an earlier run's outputs
             _on_main(r, lambda: check_fresh(r.out_dir, False, why=" but no valid checkpoint "
-                                            f"under {r.out_dir / CHECKPOINT_DIR} to resume from"))
+                                            f"under {r.out_dir / CHECKPOINT_DIR} to resume from",
+                                            resumable=False))
             if r.main:
                 print(f"--resume auto: no checkpoint under {r.out_dir / CHECKPOINT_DIR}; starting "
                       f"fresh", file=sys.stderr)
@@ -383,7 +429,15 @@ def _resume(r: _Run) -> dict:
         # another directory's checkpoint: this --out-dir must not hold a run of its own
         _on_main(r, lambda: check_fresh(r.out_dir, False, why=f" (resuming from {path}, which "
                                         f"lies elsewhere)"))
-    extra = load_checkpoint(path, r.model, r.optimizer, None, rank=r.info.rank)
+    try:
+        extra = load_checkpoint(path, r.model, r.optimizer, None, rank=r.info.rank)
+    except CheckpointMismatchError as e:
+        theirs = (e.extra.get("config") or {}).get("model") or "the built-in model"
+        raise CheckpointError(
+            f"{e}. It was written by a run with --model {theirs!r}; this run has --model "
+            f"{cfg.model or 'the built-in model'!r}. No option (--resume-force neither) continues "
+            f"a checkpoint with a model of other shapes: resume with that run's --model, or start "
+            f"fresh without --resume") from None
     data = extra.get("data")
     if not isinstance(data, dict) or "rng" not in data or "order" not in data:
         raise CheckpointError(f"checkpoint {path} holds no data position (not written by "
@@ -496,7 +550,7 @@ def _rollout(r: _Run, step: int) -> Rollout:
                 [r.train_rows[i] for i in mine], r.encode)[1]
             ro = r.engine.generate([r.prompt_ids(i) for i in mine], group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, do_sample=True, **vkw)
+                                   top_p=cfg.top_p, do_sample=True, **_sampling(cfg), **vkw)
             r.engine.sleep()
         except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
             if "probability tensor contains" not in str(e):
@@ -512,6 +566,15 @@ def _rollout(r: _Run, step: int) -> Rollout:
     for s in ro.samples:
         s.row = mine[s.group]
     return ro
+
+
+def _sampling(cfg: TrainConfig) -> dict:
+    """The sampling options besides temperature / top-p (only those set: every engine takes
+    the defaults)."""
+    out = {"top_k": cfg.top_k, "min_p": cfg.min_p, "repetition_penalty": cfg.repetition_penalty,
+           "stop": cfg.stop}
+    off = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "stop": []}
+    return {k: v for k, v in out.items() if v != off[k]}
 
 
 def _importance_weights(r: _Run, batches: list[MicroBatch], kept: list[Sample]) -> dict:
@@ -642,16 +705,15 @@ def _step_metrics(r: _Run, step: int, g: _Gathered, lm: dict, batches: list[Micr
 # ----------------------------------------------------------------------------- the loop
 
 
-def _train(r: _Run) -> dict:
-    with _Signals() as signals:  # the whole run, the evals before and after included
-        return _train_steps(r, signals)
-
-
-def _train_steps(r: _Run, signals: "_Signals") -> dict:
+def _train(r: _Run, signals: "_Signals") -> dict:
     cfg = r.cfg
-    extra = _resume(r)
+    with signals.phase("stopping the set-up; the run ends before training (nothing is "
+                       "trained or written)", interrupt=True):
+        extra = _resume(r)
     if r.before is None:
-        r.before = r.evaluate()
+        with signals.phase("stopping the initial evaluation; the run ends before training "
+                           "(nothing is trained or written)", interrupt=True):
+            r.before = r.evaluate()
         if r.main:
             print(f"eval before: {r.task.eval_line(r.before)}", file=sys.stderr)
     log = RunLog(r.out_dir, r.start, r.main, total=cfg.steps, report_to=cfg.report_to,
@@ -667,24 +729,54 @@ def _train_steps(r: _Run, signals: "_Signals") -> dict:
         raise
     finally:
         progress.close()
-        log.close(exit_code)
-    return _finish(r, log.history)
+        try:
+            log.close(exit_code)
+        except Exception as e:  # noqa: BLE001 - a logger must not decide the run's fate
+            if exit_code != 0:
+                raise
+            _warn_piece("the loggers (closing metrics.jsonl / --report-to)", e, r)
+    return _finish(r, log.history, signals)
+
+
+class _StopPhase(BaseException):
+    """Raised by the signal handler to end an interruptible phase (set-up, an evaluation) at
+    once; a BaseException, so no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _Signals:
-    """The first SIGINT/SIGTERM asks the loop to stop after the current step (which then
-    writes a checkpoint; one during the final eval lets the run finish); a second one exits at
+    """SIGINT/SIGTERM handling for the whole run: the first signal prints what the current
+    phase (``phase``) will do, and either ends that phase at once (``interrupt=True``: set-up,
+    evaluations, by raising ``_StopPhase``) or lets it finish (a training step: the loop then
+    checkpoints and stops; writing the model: the run then exits); a second signal exits at
     once (SystemExit 128 + signal)."""
 
     def __init__(self):
         self.signum: int | None = None
         self.previous: dict = {}
+        self.message = "stopping after the current step (with a checkpoint)"
+        self.interrupt = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    @contextlib.contextmanager
+    def phase(self, message: str, interrupt: bool = False):
+        """Within: a first signal prints ``message`` (and, ``interrupt``, ends the phase)."""
+        before = self.message, self.interrupt
+        self.message, self.interrupt = message, interrupt
+        try:
+            if interrupt and self.signum is not None:  # signalled before the phase began
+                raise _StopPhase(self.signum)
+            yield
+        finally:
+            self.message, self.interrupt = before
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -693,8 +785,11 @@ class _Signals:
                   file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
         self.signum = signum
-        print(f"\n{name}: stopping after the current step (with a checkpoint); send it again "
-              f"to exit at once", file=sys.stderr, flush=True)
+        print(f"\n{name}: {self.message}; send it again to exit at once", file=sys.stderr,
+              flush=True)
+        if self.interrupt:
+            self.interrupt = False  # raised once
+            raise _StopPhase(signum)
 
     def stop_requested(self) -> int | None:
         """The signal that stops the run (every rank agrees), or None."""
@@ -727,9 +822,9 @@ def _loop(r: _Run, log: RunLog, progress: Progress, signals: _Signals) -> None:
         m = {**_step_metrics(r, step, g, lm, batches, time.perf_counter() - t_train), **tis}
         collapsed = _watch_collapse(r, progress, g, step, collapsed)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            _evaluate_during(r, m, progress, step)
+            _evaluate_during(r, m, progress, step, signals)
         log.metrics(m)
-        if r.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+        if r.main and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step == r.start):
             _log_sample(r, log, progress, step, ro.samples[0])  # rank 0 generated the first group
         progress.update(step, f"reward {m['reward/mean']:.3f} acc {m['accuracy']:.2f}")
         saved = None
@@ -752,8 +847,15 @@ def _watch_collapse(r: _Run, progress: Progress, g: _Gathered, step: int,
     return collapsed
 
 
-def _evaluate_during(r: _Run, m: dict, progress: Progress, step: int) -> None:
-    ev = r.evaluate()
+def _evaluate_during(r: _Run, m: dict, progress: Progress, step: int, signals: _Signals) -> None:
+    try:
+        with signals.phase(f"stopping this evaluation; step {step + 1} is checkpointed, then the "
+                           f"run exits", interrupt=True):
+            ev = r.evaluate()
+    except _StopPhase:
+        if r.main:
+            progress.write(f"step {step + 1}: evaluation stopped")
+        return
     if r.main:
         m.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
         progress.write(f"step {step + 1}: eval {r.task.eval_line(ev)}")
@@ -787,12 +889,86 @@ def _full_state_dict(model) -> dict | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _finish(r: _Run, history: list[dict]) -> dict:
-    """The held-out eval after training, ``summary.json``, the plot and the final model."""
+def _warn_piece(piece: str, e: BaseException, r: _Run) -> None:
+    """A failed optional piece of the run's finish: a warning naming it, never a lost run."""
+    saved = r.out_dir / "model"
+    safe = f"; the trained model is in {saved}" if r.cfg.save and saved.is_dir() else ""
+    print(f"warning: could not write {piece} ({type(e).__name__}: {e}){safe}", file=sys.stderr)
+
+
+def _verify_model_dir(directory: Path) -> None:
+    """A written model directory is complete: config.json parses, every safetensors file holds
+    the data its header announces, and there are weights (else ``WriteError``)."""
+    for f in [directory / "config.json", *sorted(directory.rglob("*.safetensors"))]:
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            else:
+                check_safetensors(f)
+        except (OSError, ValueError) as e:
+            raise WriteError(f, None, e) from None
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("pytorch_model*.bin")):
+        raise WriteError(directory / "model.safetensors", None, ValueError("no weights written"))
+
+
+def _save_model(r: _Run, full_sd: dict | None) -> Path:
+    """``<out>/model``: the trained model, its tokenizer (and image processor) written like a
+    checkpoint: into a temporary directory, verified, renamed, so it is complete or absent."""
+    cfg = r.cfg
+    needed = tensor_bytes(full_sd if full_sd is not None else r.model.state_dict())
+
+    def fill(tmp: Path) -> None:
+        with writing(tmp / "model.safetensors", needed):
+            if cfg.lora_r:  # the merged full model, and the adapter alone in model/adapter
+                save_lora(r.model, tmp, full_sd)
+            else:
+                r.model.save_pretrained(tmp, **({} if full_sd is None else {"state_dict": full_sd}))
+        with writing(tmp):
+            r.tokenizer.save_pretrained(tmp)
+            (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            if r.vision is not None:
+                r.vision.save(tmp)
+
+    return write_directory(r.out_dir / "model", fill, _verify_model_dir)
+
+
+def _finish(r: _Run, history: list[dict], signals: _Signals) -> dict:
+    """The run's finish, in order of importance: the trained model (written and verified),
+    the held-out eval after training, ``summary.json``, the plot and the report.  A failure
+    of the last three is a warning naming it; a signal during the eval ends it (the model is
+    saved by then) and the run exits 128 + signal after writing the summary."""
     cfg, before = r.cfg, r.before
-    after = r.evaluate()
+    model_dir = r.out_dir / "model"
     full_sd = _full_state_dict(r.model) if cfg.save else None  # FSDP2: collective
+    error = None
+    with signals.phase(f"writing the trained model to {model_dir} first; the run exits after "
+                       f"it, without the final evaluation"):
+        if r.main and cfg.save:
+            try:
+                _save_model(r, full_sd)
+            except WriteError as e:
+                error = e
+    if dist_.broadcast_object(error is not None):
+        if error is not None:
+            raise error
+        raise CheckpointError("rank 0 could not write the trained model (its message says why)")
+    del full_sd
+    stopped = signals.stop_requested()
+    after = None
+    if stopped is None:
+        kept = (f"the trained model is already in {model_dir}" if cfg.save else
+                "nothing is saved (--no-save)")
+        try:
+            with signals.phase(f"stopping the final evaluation ({kept}); summary.json is "
+                               f"written without eval_after, then the run exits", interrupt=True):
+                after = r.evaluate()
+        except _StopPhase as e:
+            stopped = e.signum
+        if dist_.is_distributed():
+            stopped = next((x for x in dist_.all_gather_objects(stopped) if x is not None), None)
     if not r.main:
+        if stopped is not None:
+            raise TrainingInterrupted("stopped by a signal during the final evaluation", stopped)
         return {}
     summary = {"eval_before": before, "eval_after": after, "steps": cfg.steps,
                "seconds": round(time.perf_counter() - r.t_start, 1),
@@ -800,7 +976,10 @@ def _finish(r: _Run, history: list[dict]) -> dict:
     if r.start > 0:
         summary["resumed_from_step"] = r.start
     notes = []
-    if not r.eval_rows:
+    if stopped is not None:
+        notes.append(f"eval_after is null: {signal.Signals(stopped).name} ended the run before "
+                     f"its final evaluation finished")
+    elif not r.eval_rows:
         notes.append("eval_before and eval_after are null: no held-out rows (a --train-file "
                      "without --eval-file has none)")
     safe = json_safe(summary)
@@ -809,21 +988,43 @@ def _finish(r: _Run, history: list[dict]) -> dict:
                      "mean over no samples")
     if notes:
         safe["notes"] = notes
-    (r.out_dir / "summary.json").write_text(json.dumps(safe, indent=2, allow_nan=False))
+    try:
+        write_file(r.out_dir / "summary.json", json.dumps(safe, indent=2, allow_nan=False).encode())
+    except Exception as e:  # noqa: BLE001 - the model is saved: the summary must not undo that
+        _warn_piece("summary.json", e, r)
     if cfg.plot and history:
-        from fastgrpo.trainer.plot import plot_curves
-        plot_curves(history, before, after, r.out_dir / "curves.png")
-    if cfg.save:
-        if cfg.lora_r:  # the merged full model, and the adapter alone in model/adapter
-            save_lora(r.model, r.out_dir / "model", full_sd)
-        else:
-            r.model.save_pretrained(r.out_dir / "model", **({} if full_sd is None else {"state_dict": full_sd}))
-        r.tokenizer.save_pretrained(r.out_dir / "model")
-        if r.vision is not None:
-            r.vision.save(r.out_dir / "model")
-    print(f"{r.task.report(before, after, len(r.eval_rows))}\n"
-          f"({summary['seconds']} s, outputs in {r.out_dir})")
+        try:
+            from fastgrpo.trainer.plot import plot_curves
+            plot_curves(history, before, after, r.out_dir / "curves.png")
+        except Exception as e:  # noqa: BLE001 - a plot is decoration
+            _warn_piece("the curves plot (curves.png)", e, r)
+    if stopped is not None:
+        raise TrainingInterrupted(
+            f"{signal.Signals(stopped).name}: stopped before the final evaluation finished, after "
+            f"training all {cfg.steps} steps; " + (f"the trained model is in {model_dir}" if
+                                                    cfg.save else "nothing saved (--no-save)"),
+            stopped)
+    try:
+        print(f"{r.task.report(before, after, len(r.eval_rows))}\n"
+              f"({summary['seconds']} s, outputs in {r.out_dir})")
+    except Exception as e:  # noqa: BLE001
+        _warn_piece("the final report", e, r)
     return summary
+
+
+def _resume_hint(cfg: TrainConfig) -> str:
+    """What is left after a failed write: the newest valid checkpoint and how to resume it."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        latest = find_latest_valid(cfg.out_dir)
+    if latest is None:
+        return ("The partial file was removed. No checkpoint was written before it (--save-every "
+                "N writes them): free some space, then run again with --overwrite")
+    step = int(latest.name.split("-")[-1])
+    return (f"The partial file was removed; the newest checkpoint {latest} (step {step}) is "
+            f"untouched: free some space (or give another --out-dir), then run the same command "
+            f"plus --resume {latest}")
 
 
 def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
@@ -838,10 +1039,23 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
     info = dist_.init_distributed(device=None if cfg.device == "auto" else cfg.device)
     lock = r = None
     try:
-        lock = _claim_out_dir(cfg, info)
-        r = _setup(cfg, model, tokenizer, info)
-        _preflight(r)
-        return _train(r)
+        check_dependencies(cfg)
+        with _Signals() as signals:  # the whole run: set-up, the evals before and after included
+            try:
+                with signals.phase("stopping the set-up; the run ends before training (nothing "
+                                   "is trained or written)", interrupt=True):
+                    lock = _claim_out_dir(cfg, info)
+                    r = _setup(cfg, model, tokenizer, info)
+                    _preflight(r)
+                return _train(r, signals)
+            except _StopPhase as e:
+                raise TrainingInterrupted(
+                    f"{signal.Signals(e.signum).name}: stopped before training; nothing was "
+                    f"trained or written (run the same command again to start)", e.signum) from None
+    except WriteError as e:
+        if info.is_main:
+            e.hint = _resume_hint(cfg)
+        raise
     finally:
         if r is not None:
             r.task.close()
@@ -852,13 +1066,14 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point.  Exit codes: 2 for configuration/data/checkpoint/reward errors, 3 when
+    """CLI entry point.  Exit codes: 2 for configuration/data/checkpoint/reward errors and failed
+    writes (disk full: the message names the file and the checkpoint to resume from), 3 when
     the loss or gradient norm became NaN/inf (the message names the step), 130/143 when
     SIGINT/SIGTERM stopped the run (after a checkpoint; the message says how to resume)."""
     try:
         run(parse_args(argv))
     except (ConfigError, DataError, FileNotFoundError, CheckpointError, AttentionBackendError,
-            RewardError) as e:
+            RewardError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except NonFiniteLossError as e:

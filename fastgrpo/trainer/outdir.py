@@ -1,8 +1,9 @@
 """Who owns an ``--out-dir`` and what may be written there, checked before any work starts.
 
 * :class:`OutDirLock`: ``<out>/.lock`` holds the owner's pid under an exclusive ``flock``; a
-  second run into the same directory is refused, naming that pid.  The lock dies with its
-  process, so the file of a killed run (a dead pid) is simply taken over.
+  second run into the same directory is refused, naming that pid.  The owner removes the file
+  on every exit path it lives through; the lock dies with its process, so the file of a killed
+  run (a dead pid) is simply taken over.
 * :func:`check_fresh`: a fresh run refuses a directory that holds an earlier run's outputs
   unless ``--overwrite`` (which deletes exactly those outputs) or ``--resume``.
 * :func:`check_writable`: every output path can be written (``<out>/model`` being a file fails
@@ -34,24 +35,39 @@ class OutDirLock:
         self.fd: int | None = None
 
     def acquire(self) -> "OutDirLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ConfigError(f"--out-dir {str(self.path.parent)!r} is in use by another run "
+                                  f"(pid {owner}, lock file {self.path}); wait for it to finish or "
+                                  f"choose another --out-dir") from None
+            # the owner we waited for may have removed the file as it released it: then the
+            # lock is on a dead inode; open the path again
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise ConfigError(f"--out-dir {str(self.path.parent)!r} is in use by another run "
-                              f"(pid {owner}, lock file {self.path}); wait for it to finish or "
-                              f"choose another --out-dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
 
     def release(self) -> None:
-        # the file stays (unlinking it would let a process that opened it just before lock
-        # the unlinked inode while a third creates a new file): an unlocked file is free
+        """Remove the file, then drop the lock (closing it): a waiting process that opened the
+        file before sees it gone and opens the path anew (``acquire``), so no two hold it."""
         if self.fd is not None:
+            try:
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    os.unlink(self.path)
+            except OSError:
+                pass
             os.close(self.fd)  # closing drops the flock
             self.fd = None
 
@@ -70,16 +86,19 @@ def earlier_outputs(out_dir) -> list[str]:
     return found
 
 
-def check_fresh(out_dir, overwrite: bool, why: str = "") -> None:
+def check_fresh(out_dir, overwrite: bool, why: str = "", resumable: bool = True) -> None:
     """A fresh run may write into ``out_dir``: refuse one holding an earlier run's outputs,
-    or (``overwrite``) delete them."""
+    or (``overwrite``) delete them.  ``resumable=False``: the refusal does not suggest
+    ``--resume auto`` (it found nothing to resume)."""
     found = earlier_outputs(out_dir)
     if not found:
         return
     if not overwrite:
+        resume = "pass --resume auto to continue it, " if resumable else \
+            "it cannot be continued: pass "
         raise ConfigError(f"--out-dir {str(out_dir)!r} holds an earlier run ({', '.join(found)})"
-                          f"{why}; pass --resume auto to continue it, --overwrite to delete it "
-                          f"and start over, or choose another --out-dir")
+                          f"{why}; {resume}--overwrite to delete it and start over, or choose "
+                          f"another --out-dir")
     out = Path(out_dir)
     for n in found:
         p = out / n.rstrip("/")

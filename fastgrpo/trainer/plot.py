@@ -1,5 +1,8 @@
 """Training curves as a PNG: matplotlib when installed, else a dependency-free fallback.
 
+Values that are missing, ``None`` (JSON null) or not finite (NaN/inf) are skipped by both
+(a gap in the curve, no eval dot); an empty history gives empty panels.
+
 The fallback draws one panel per curve (2 x 3 grid, light grid lines, the curve in colour,
 eval points as dots) with a tiny built-in bitmap font for the titles and min/max labels,
 and writes the PNG with ``zlib`` only.
@@ -75,6 +78,25 @@ class _Canvas:
             x += 4 * scale
 
 
+def _num(v) -> float:
+    """``v`` as a float; NaN for None, non-numbers and booleans (skipped when drawn)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return math.nan
+    return float(v)
+
+
+def _eval_points(history: list[dict], before: dict | None, after: dict | None,
+                 steps: list[int]) -> list[tuple[float, float]]:
+    """Held-out accuracy ``(step, value)``: before (step 0), periodic evals, after (last step);
+    missing and non-finite values left out."""
+    pts = [(0, (before or {}).get("accuracy"))]
+    pts += [(m.get("step"), m.get("eval/accuracy")) for m in history if "eval/accuracy" in m]
+    if steps:
+        pts.append((steps[-1], (after or {}).get("accuracy")))
+    pts = [(_num(s), _num(v)) for s, v in pts]
+    return [(s, v) for s, v in pts if math.isfinite(s) and math.isfinite(v)]
+
+
 def _fmt(v: float) -> str:
     if v == 0 or not math.isfinite(v):
         return "0"
@@ -96,16 +118,15 @@ def _fallback(history: list[dict], path, before: dict | None = None,
     pw, ph, pad = 320, 220, 40
     cols, rows = 3, 2
     cv = _Canvas(cols * pw, rows * ph)
-    steps = [m["step"] for m in history]
+    rows = [m for m in history if math.isfinite(_num(m.get("step")))]
+    steps = [int(m["step"]) for m in rows]
     for k, (key, title) in enumerate(PANELS):
         ox, oy = (k % cols) * pw, (k // cols) * ph
         x0, x1, y0, y1 = ox + pad, ox + pw - 12, oy + 28, oy + ph - 24
-        ys = [float(m.get(key, math.nan)) for m in history]
+        ys = [_num(m.get(key)) for m in rows]
         evals = []
         if key == "accuracy":  # held-out greedy accuracy: before, periodic evals, after
-            evals = ([(0, before["accuracy"])] if before else []) + \
-                [(m["step"], m["eval/accuracy"]) for m in history if "eval/accuracy" in m] + \
-                ([(steps[-1], after["accuracy"])] if after else [])
+            evals = _eval_points(rows, before, after, steps)
         vals = [v for v in ys if math.isfinite(v)] + [v for _, v in evals]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         if hi - lo < 1e-9:
@@ -118,9 +139,10 @@ def _fallback(history: list[dict], path, before: dict | None = None,
         cv.line(x0, y1, x1, y1, (120, 120, 120))
         cv.text(ox + 4, y0 - 2, _fmt(hi), (90, 90, 90), 1)
         cv.text(ox + 4, y1 - 4, _fmt(lo), (90, 90, 90), 1)
-        cv.text(x1 - 40, y1 + 6, f"step {steps[-1]}", (90, 90, 90), 1)
-        s0 = min([steps[0]] + [e[0] for e in evals])
-        s1 = max(steps[-1], s0 + 1)
+        last = steps[-1] if steps else 0
+        cv.text(x1 - 40, y1 + 6, f"step {last}", (90, 90, 90), 1)
+        s0 = min(steps[:1] + [e[0] for e in evals], default=0)
+        s1 = max(last, s0 + 1)
 
         def to_xy(s, v):
             return x0 + (x1 - x0) * (s - s0) / (s1 - s0), y1 - (y1 - y0) * (v - lo) / (hi - lo)
@@ -155,14 +177,13 @@ def plot_curves(history: list[dict], before: dict | None, after: dict | None, pa
     except ImportError:
         _fallback(history, path, before, after)
         return path
-    steps = [m["step"] for m in history]
+    rows = [m for m in history if math.isfinite(_num(m.get("step")))]
+    steps = [int(m["step"]) for m in rows]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title) in zip(axes.flat, PANELS):
-        ax.plot(steps, [m.get(key, float("nan")) for m in history], label=key)
+        ax.plot(steps, [_num(m.get(key)) for m in rows], label=key)  # NaN: a gap
         if key == "accuracy":
-            ev = [(m["step"], m["eval/accuracy"]) for m in history if "eval/accuracy" in m]
-            pts = ([(0, before["accuracy"])] if before else []) + ev + \
-                  ([(steps[-1], after["accuracy"])] if after else [])
+            pts = _eval_points(rows, before, after, steps)
             if pts:
                 ax.plot(*zip(*pts), "o-", color="tab:red", label="held-out greedy")
             ax.legend(fontsize=8)
@@ -187,11 +208,18 @@ def plot_bands(series: dict[str, tuple[list[float], list[float], list[float]]], 
     w, h, pad = 760, 420, 56
     cv = _Canvas(w, h)
     x0, x1, y0, y1 = pad, w - 190, 36, h - 36
+    clean = {}
+    for name, (st, ms, es) in series.items():  # missing / non-finite points are skipped
+        trip = [(_num(s), _num(m), _num(e)) for s, m, e in zip(st, ms, es)]
+        trip = [(s, m, e if math.isfinite(e) else 0.0) for s, m, e in trip
+                if math.isfinite(s) and math.isfinite(m)]
+        clean[name] = ([t[0] for t in trip], [t[1] for t in trip], [t[2] for t in trip])
+    series = clean
     pts = [(s, m - e, m + e) for st, ms, es in series.values() for s, m, e in zip(st, ms, es)]
-    lo, hi = min(p[1] for p in pts), max(p[2] for p in pts)
+    lo, hi = min((p[1] for p in pts), default=0.0), max((p[2] for p in pts), default=1.0)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    s0, s1 = min((p[0] for p in pts), default=0), max((p[0] for p in pts), default=1)
     s1 = max(s1, s0 + 1)
 
     def to_xy(s, v):

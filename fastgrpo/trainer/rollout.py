@@ -43,9 +43,11 @@ class Rollout:
 
 
 def make_samples(tokenizer, prompt_ids: list[list[int]], group_size: int, comps: list[list[int]],
-                 logps: list[list[float]] | None, rows: list[int] | None, seconds: float) -> Rollout:
+                 logps: list[list[float]] | None, rows: list[int] | None, seconds: float,
+                 stop: list[str] | None = None) -> Rollout:
     """The :class:`Rollout` of raw completions (grouped by prompt): trimmed after the first EOS
-    (kept), ``truncated`` when there is none, decoded for the rewards."""
+    (kept), ``truncated`` when there is none and the text holds none of the ``stop`` strings,
+    decoded for the rewards."""
     eos = tokenizer.eos_token_id
     samples = []
     for k, c in enumerate(comps):
@@ -61,6 +63,8 @@ def make_samples(tokenizer, prompt_ids: list[list[int]], group_size: int, comps:
     for s, t in zip(samples, tokenizer.batch_decode([s.completion_ids for s in samples],
                                                     skip_special_tokens=True)):
         s.text = t
+        if s.truncated and stop and any(x in t for x in stop):  # ended at a stop string
+            s.truncated = False
     return Rollout(samples, seconds=seconds,
                    generated_tokens=sum(len(s.completion_ids) for s in samples))
 
@@ -69,7 +73,9 @@ def make_samples(tokenizer, prompt_ids: list[list[int]], group_size: int, comps:
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int = 1,
              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
              do_sample: bool = True, batch_size: int = 64, rows: list[int] | None = None,
-             prompt_inputs: list[dict] | None = None, vision=None) -> Rollout:
+             prompt_inputs: list[dict] | None = None, vision=None, top_k: int = 0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0,
+             stop: list[str] | None = None) -> Rollout:
     """Sample ``group_size`` completions for each prompt (greedy when ``do_sample=False``).
 
     ``batch_size`` bounds the number of sequences decoded together (``batch_size // G`` prompts
@@ -77,6 +83,12 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int =
     kept in each sample's ``row``.  Vision-language prompts: ``prompt_inputs[i]`` (pixel
     values...) and ``vision`` (a ``fastgrpo.vl.VisionAdapter``): the images enter the one prefill
     of each prompt, whose KV cache its G samples share; each sample keeps its prompt's inputs.
+
+    ``top_k`` / ``min_p`` / ``repetition_penalty`` (as transformers' logits processors) shape
+    the sampling distribution only (the recorded log-probs stay the policy's at
+    ``temperature``, as with top-p; greedy decoding ignores them).  ``stop``: a completion
+    ends once its decoded text contains one of these strings (kept, as transformers'
+    ``stop_strings`` do), greedy or sampled.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -91,14 +103,15 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int =
             c, lp = _decode(model, prompt_ids[s:s + per_batch], group_size, max_new_tokens,
                             eos, pad, temperature if do_sample else None, top_p,
                             None if prompt_inputs is None else prompt_inputs[s:s + per_batch],
-                            vision)
+                            vision, _Shaping(top_k, min_p, repetition_penalty, stop or [],
+                                             tokenizer))
             comps += c
             logps += lp
     finally:
         if was_training:
             model.train()
     ro = make_samples(tokenizer, prompt_ids, group_size, comps, logps, rows,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, stop)
     if prompt_inputs is not None:
         for smp in ro.samples:
             smp.prompt_inputs = prompt_inputs[smp.group]
@@ -175,7 +188,48 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _pick(logits: torch.Tensor, temperature: float | None, top_p: float):
+@dataclass
+class _Shaping:
+    """The sampling options besides temperature and top-p, and the stop strings."""
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list = field(default_factory=list)
+    tokenizer: object = None
+
+    def penalize(self, scaled: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit divided by the
+        penalty when positive, multiplied when negative; top-k; min-p (on the probabilities
+        at temperature, as transformers' MinPLogitsWarper)."""
+        if seen is not None and self.repetition_penalty != 1.0:
+            p = self.repetition_penalty
+            scaled = torch.where(seen, torch.where(scaled > 0, scaled / p, scaled * p), scaled)
+        if self.top_k > 0 and self.top_k < scaled.shape[-1]:
+            kth = scaled.topk(self.top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, -float("inf"))
+        if self.min_p > 0:
+            probs = scaled.softmax(-1)
+            scaled = scaled.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), -float("inf"))
+        return scaled
+
+    def stopped(self, toks: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+        """Which of ``rows`` (their tokens so far in ``toks[:, :t + 1]``) now contain a stop
+        string: the text of the last tokens is enough (a stop string that ends at token t)."""
+        done = torch.zeros(len(rows), dtype=torch.bool, device=toks.device)
+        if not self.stop:
+            return done
+        width = max(len(s) for s in self.stop) + 1  # a token holds >= 1 character
+        tails = self.tokenizer.batch_decode(toks[rows, max(0, t + 1 - width):t + 1].tolist(),
+                                            skip_special_tokens=True)
+        heads = self.tokenizer.batch_decode(toks[rows, max(0, t + 1 - width):t].tolist(),
+                                            skip_special_tokens=True)
+        for i, (a, b) in enumerate(zip(tails, heads)):  # new in this token's text only
+            done[i] = any(s in a and s not in b for s in self.stop)
+        return done
+
+
+def _pick(logits: torch.Tensor, temperature: float | None, top_p: float,
+          shaping: _Shaping | None = None, seen: torch.Tensor | None = None):
     """Next tokens from float32 logits ``[B, V]`` and their log-probs at ``temperature``
     (greedy when ``temperature`` is None: the log-probs at temperature 1)."""
     if temperature is None:
@@ -183,6 +237,8 @@ def _pick(logits: torch.Tensor, temperature: float | None, top_p: float):
         return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
     scaled = logits / temperature
     logp = torch.log_softmax(scaled, -1)
+    if shaping is not None:
+        scaled = shaping.penalize(scaled, seen)
     if top_p < 1.0:  # as transformers' TopPLogitsWarper: drop the tail of mass <= 1 - top_p
         sorted_logits, order = torch.sort(scaled, descending=False)
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
@@ -194,7 +250,7 @@ def _pick(logits: torch.Tensor, temperature: float | None, top_p: float):
 
 def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, eos: int,
             pad: int, temperature: float | None, top_p: float, inputs: list[dict] | None = None,
-            vision=None):
+            vision=None, shaping: _Shaping | None = None):
     """Completions (untrimmed) and their log-probs for ``prompts``, G per prompt, in order."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -226,11 +282,20 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
     toks = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     lps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
+    seen = None  # --repetition-penalty: the tokens each sequence holds (prompt and completion)
+    if shaping is not None and shaping.repetition_penalty != 1.0 and temperature is not None:
+        count = torch.zeros(logits.shape, dtype=torch.int32, device=device)
+        count.scatter_add_(1, inp.repeat_interleave(group_size, 0), att.int())  # att: n rows already
+        seen = count > 0
     for t in range(max_new_tokens):
-        tok, lp = _pick(logits, temperature, top_p)
+        tok, lp = _pick(logits, temperature, top_p, shaping, None if seen is None else seen[alive])
         toks[alive, t], lps[alive, t] = tok, lp
         length[alive] = t + 1
+        if seen is not None:
+            seen[alive, tok] = True
         done = tok == eos
+        if shaping is not None and shaping.stop:
+            done |= shaping.stopped(toks, alive, t)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
         if bool(done.any()):  # finished rows leave the batch and the cache

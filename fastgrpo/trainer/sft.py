@@ -41,7 +41,7 @@ from fastgrpo.tasks.tokenizer import build_tokenizer, encode_prompt
 from fastgrpo.trainer.packing import pack_sequences
 from fastgrpo.trainer.rollout import generate
 
-__all__ = ["sft", "greedy_accuracy", "main"]
+__all__ = ["sft", "sft_step", "greedy_accuracy", "main"]
 
 
 def _encode_rows(tokenizer, rows, skip_double_prob: float = 0.0, seed: int = 0):
@@ -84,26 +84,40 @@ def sft_sequences(model, prompts: list[list[int]], comps: list[list[int]], *, st
             rng.shuffle(more)
             order += more
         idx, order = order[:batch_size], order[batch_size:]
-        batches = pack_sequences([prompts[i] for i in idx], [comps[i] for i in idx], None,
-                                 max_tokens=micro_batch_tokens,
-                                 loss_masks=None if loss_masks is None else [loss_masks[i] for i in idx])
-        n_tok = sum(mb.num_loss_tokens for mb in batches)
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for mb in batches:  # token-mean over the whole batch, accumulated per micro-batch
-            hidden = backbone_hidden_states(model, mb.input_ids, position_ids=mb.position_ids,
-                                            cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)[0]
-            logp = fused_logprobs(hidden, weight, mb.targets)
-            mb_loss = -(logp * (mb.targets != -100)).sum() / n_tok
-            mb_loss.backward()
-            loss += mb_loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = sft_step(model, weight, opt, [prompts[i] for i in idx], [comps[i] for i in idx],
+                        micro_batch_tokens,
+                        None if loss_masks is None else [loss_masks[i] for i in idx])
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss)
         if log and (step % log_every == 0 or step == steps - 1):
-            log(f"sft step {step:4d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
+            log(f"sft step {step:4d}  loss {loss:.4f}  lr {sched.get_last_lr()[0]:.2e}")
     return losses
+
+
+def sft_step(model, weight, opt, prompts: list[list[int]], comps: list[list[int]],
+             micro_batch_tokens: int, loss_masks=None, grad_clip: float = 1.0,
+             device=None) -> float:
+    """One optimizer step of completion-only SFT on these sequences, packed into micro-batches
+    of ``micro_batch_tokens`` (restarting position ids), through the backbone and the fused
+    log-prob kernel (never the ``[tokens x vocab]`` logits); the loss is the token mean over the
+    whole batch.  Returns it."""
+    batches = pack_sequences(prompts, comps, None, max_tokens=micro_batch_tokens, loss_masks=loss_masks)
+    n_tok = sum(mb.num_loss_tokens for mb in batches)
+    opt.zero_grad(set_to_none=True)
+    loss = 0.0
+    for mb in batches:  # token-mean over the whole batch, accumulated per micro-batch
+        if device is not None:
+            mb = mb.to(device)
+        hidden = backbone_hidden_states(model, mb.input_ids, position_ids=mb.position_ids,
+                                        cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)[0]
+        logp = fused_logprobs(hidden, weight, mb.targets)
+        mb_loss = -(logp * (mb.targets != -100)).sum() / n_tok
+        mb_loss.backward()
+        loss += mb_loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    opt.step()
+    return float(loss)
 
 
 def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = MAX_NEW_TOKENS) -> float:
@@ -132,10 +146,20 @@ def main(argv: list[str] | None = None) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default="arithmetic")
     known, _ = pre.parse_known_args(args_in)
+    if any(a.split("=")[0] in ("--model", "--train-file") for a in args_in):
+        from fastgrpo.trainer.user_sft import main as user_main  # a user's model and data
+        return user_main(args_in)
     if known.task == "routing":
         from fastgrpo.trainer.routing_sft import main as routing_main
         return routing_main(args_in)
     if known.task == "charts":  # the multimodal task (tasks/charts.py)
+        from fastgrpo.trainer.config import ConfigError
+        from fastgrpo.trainer.requirements import require
+        try:
+            require("Pillow", "--task charts (chart images)")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
         from fastgrpo.tasks.charts import sft_main
         return sft_main(args_in)
     if known.task != "arithmetic":

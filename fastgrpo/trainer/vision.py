@@ -64,6 +64,9 @@ def check_rows(rows: Sequence[dict], root: str | os.PathLike | None, what: str,
             p = Path(x)
             if not p.is_absolute() and root is not None:
                 p = Path(root) / p
+            if p.is_dir():
+                raise VisionError(f"{where}: image path {str(p)!r} is a directory, not an image "
+                                  f"file")
             if not p.is_file():
                 raise VisionError(f"{where}: image not found: {str(p)!r}")
             try:
@@ -112,6 +115,9 @@ def setup_vision(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[
     """The run's :class:`VisionRun` (None for a text-only model).  Checks the rows' images
     first: images given to a text-only model raise ``DataError`` naming the row."""
     vl = is_vision_config(getattr(model, "config", None))
+    if vl:  # (images given to a text-only model are refused below, Pillow or not)
+        from fastgrpo.trainer.requirements import require
+        require("Pillow", "a vision-language model (its images)")
     for what, rows, file in (("train", train_rows, cfg.train_file), ("eval", eval_rows, cfg.eval_file)):
         root = Path(file).resolve().parent if file else None
         if not vl:
@@ -136,9 +142,26 @@ def setup_vision(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[
         if not cfg.model:
             raise DataError("a vision-language model given in code needs its image processor "
                             "(run(..., image_processor=...)) or --model DIR")
-        image_processor = load_image_processor(cfg.model, min_pixels=cfg.min_pixels,
-                                               max_pixels=cfg.max_pixels)
-    adapter = VisionAdapter(model.config, tokenizer, image_processor)
+        image_processor = _image_processor(cfg)
+    try:
+        adapter = VisionAdapter(model.config, tokenizer, image_processor)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise VisionError(f"--model {cfg.model}: cannot build the vision-language processor from "
+                          f"its tokenizer and image processor ({type(e).__name__}: {e})") from None
     if cfg.freeze_vision:
         freeze_vision(model)
     return VisionRun(adapter, cfg.model)
+
+
+def _image_processor(cfg):
+    """The model directory's image processor; errors name preprocessor_config.json."""
+    f = Path(cfg.model) / "preprocessor_config.json"
+    try:
+        return load_image_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    except (VisionError, FileNotFoundError):
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise VisionError(f"--model {cfg.model}: cannot build its image processor from {str(f)!r} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
+                          f"file must be a Hugging Face image processor config (e.g. "
+                          f"image_processor_type Qwen2VLImageProcessor)") from None

@@ -1,0 +1,138 @@
+"""An FSDP2-sharded lm_head (a DTensor parameter) in the fused op (gloo, 2 processes): a tiny
+causal LM wrapped with ``fully_shard``, the weight read outside the model's forward (as TRL's
+adapter reads it), each rank half the batch; the loss and every parameter's gradient equal the
+1-process run on the whole batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastgrpo import fused_logprobs, grpo_loss
+from gloo_helpers import free_port, spawn_gloo
+
+VOCAB, B, T = 96, 4, 10
+
+
+def _model(tied):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied, attn_implementation="eager")
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (B, T), generator=g)
+    attn = torch.ones(B, T, dtype=torch.long)
+    attn[1, -3:] = 0                                  # right padding
+    mask = torch.zeros(B, T - 1)
+    mask[:, 3:] = 1                                   # completion positions
+    mask = mask * attn[:, 1:]
+    adv = torch.randn(B, generator=g)
+    old = torch.randn(B, T - 1, generator=g) * 0.05
+    return ids, attn, mask, adv, old
+
+
+def _loss(model, ids, attn, mask, adv, old, weight_of):
+    """grpo_loss (two-pass, sequence-level ratio: per-rank mean over its sequences) plus a
+    fused_logprobs term (entropy summed per sequence, averaged over sequences)."""
+    from fastgrpo.integrations.trl import _install_backbone_forward
+    _install_backbone_forward(model)
+    hidden = model(input_ids=ids, attention_mask=attn, fastgrpo_backbone=True).last_hidden_state
+    hidden = hidden[:, :-1]
+    weight = weight_of(model)
+    targets = ids[:, 1:]
+    loss, _ = grpo_loss(hidden, weight, targets, adv, completion_mask=mask, old_logp=old,
+                        beta=0.0, loss_type="grpo", temperature=0.9)
+    loss_tl, _ = grpo_loss(hidden, weight, targets, adv, completion_mask=mask, old_logp=old,
+                           importance_sampling_level="sequence", loss_type="grpo")
+    logp, ent = fused_logprobs(hidden, weight, torch.where(mask.bool(), targets, -100),
+                               return_entropy=True)
+    return loss + loss_tl + 0.01 * (ent.sum() + logp.sum()) / ids.shape[0], weight
+
+
+def _check(rank, world, tied):
+    from torch.distributed.fsdp import fully_shard
+    from fastgrpo.hf import lm_head_weight
+    ids, attn, mask, adv, old = _batch()
+    # 1 process, whole batch
+    ref = _model(tied)
+    ref_loss, _ = _loss(ref, ids, attn, mask, adv, old, lm_head_weight)
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+
+    model = _model(tied)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=True)
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    seen = []
+
+    def weight_of(m):
+        w = lm_head_weight(m)
+        seen.append(type(w).__name__)
+        return w
+
+    loss, w = _loss(model, ids[rows], attn[rows], mask[rows], adv[rows], old[rows], weight_of)
+    assert seen == ["DTensor"], seen          # the sharded parameter itself reached the op
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    names = []
+    for n, p in model.named_parameters():
+        assert type(p.grad).__name__ == "DTensor" and p.grad.placements == p.placements, n
+        g = p.grad.full_tensor()
+        scale = float(ref_grads[n].abs().max())
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+        names.append(n)
+    assert ("lm_head.weight" in names) != tied and len(names) == len(ref_grads)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fsdp2_sharded_lm_head_equals_one_process(tied):
+    spawn_gloo(_check, 2, tied)
+
+
+ZERO3 = r'''
+import os, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+import deepspeed
+from fastgrpo import fused_logprobs
+deepspeed.init_distributed(dist_backend="gloo")
+head = torch.nn.Linear(16, 40, bias=False)
+cfg = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}},
+       "zero_allow_untested_optimizer": True,
+       "optimizer": {{"type": "SGD", "params": {{"lr": 0.1}}}}}}
+engine, *_ = deepspeed.initialize(model=head, config=cfg, model_parameters=head.parameters())
+w = engine.module.weight                       # read outside the forward: partitioned
+try:
+    fused_logprobs(torch.randn(3, 16), w, torch.tensor([1, 2, 3]))
+except ValueError as e:
+    print("REFUSED:", e)
+'''
+
+
+def test_deepspeed_zero3_partitioned_weight_is_refused(tmp_path):
+    """Where DeepSpeed installs (CI's peers environment; it runs ZeRO-3 on CPU with gloo), a
+    ZeRO-3 partitioned lm_head weight is refused with an error naming it."""
+    import subprocess
+    import sys
+    if os.environ.get("FASTGRPO_REQUIRE_PEERS") != "1":   # CI's peers leg: must run
+        pytest.importorskip("deepspeed")
+    script = tmp_path / "zero3.py"
+    script.write_text(ZERO3.format(port=free_port()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "REFUSED: weight is a DeepSpeed ZeRO-3 partitioned parameter (full shape (40, 16)" \
+        in r.stdout, r.stdout[-2000:]
