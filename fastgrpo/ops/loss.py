@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from fastgrpo.ops.logprobs import (linear_backward, linear_forward, linear_one_pass,
-                                  resolve_backend, validate_inputs)
+                                  one_pass_pays, resolve_backend, validate_inputs)
 from fastgrpo.ops.sharded import full_weight, is_dtensor, sharded_grad
 
 __all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS", "NORMALIZERS"]
@@ -527,8 +527,10 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             GEMMs, no recompute in backward) when the objective is token-local (token-level
             ratio; no EGSW, entropy quantile, off-policy mask or VESPO: those couple tokens
             and keep the two-pass path).  ``None``: on for the torch backend on CPU, where it
-            measures faster; ``False`` forces the two-pass path.  An FSDP2-sharded (DTensor)
-            ``weight`` takes the two-pass path, gathered in forward and again in backward.
+            measures faster, except bf16 through the native kernels (a recomputed bf16 logits
+            GEMM costs less than storing and re-reading fp32 logits there: bench/results);
+            ``False`` forces the two-pass path.  An FSDP2-sharded (DTensor) ``weight`` takes
+            the two-pass path, gathered in forward and again in backward.
         vocab_parallel_group: the vocabulary is split over this process group: ``weight`` is
             this rank's rows, ``hidden`` and everything else the same on every rank, targets
             global ids (``fused_logprobs``'s argument; always the two-pass path).
@@ -632,7 +634,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     need_h = torch.is_grad_enabled() and h_tok.requires_grad
     need_w = torch.is_grad_enabled() and w.requires_grad
     if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
-        one_pass = backend == "torch" and not h.is_cuda
+        one_pass = backend == "torch" and not h.is_cuda and one_pass_pays(h)
     if vocab_parallel_group is not None:   # the objective on the gathered [M] statistics
         from fastgrpo.ops.vocab_parallel import vocab_parallel_logprobs
         logp, ent = vocab_parallel_logprobs(h_tok, w, y_tok, 1.0 / float(temperature), backend,
