@@ -1,4 +1,5 @@
-"""Prints the peak resident-set growth (bytes) of one fwd+bwd: `python bench/_peak.py KIND IMPL N D V`.
+"""Prints the peak resident-set growth (bytes) of one fwd+bwd:
+`python bench/_peak.py KIND IMPL N D V [DTYPE]` (DTYPE: float32, the default, or bfloat16).
 
 Run in a fresh process by the benchmarks on CPU, where torch has no allocator statistics.
 After the inputs exist and one small warm-up call has loaded the kernels, the kernel's RSS
@@ -6,6 +7,7 @@ high-water mark is reset (Linux: writing 5 to /proc/self/clear_refs), so VmHWM a
 call minus VmRSS before it is the call's peak extra memory (its outputs and gradients
 included).
 """
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from implementations import LOGPROB_IMPLS, LOSS_IMPLS, loss_inputs  # noqa: E402
 
 kind, impl = sys.argv[1], sys.argv[2]
 n, d, v = map(int, sys.argv[3:6])
-h, w, y = make_inputs(n, d, v, "cpu", torch.float32)
+dtype = getattr(torch, sys.argv[6]) if len(sys.argv) > 6 else torch.float32
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+h, w, y = make_inputs(n, d, v, "cpu", dtype)
 if kind == "logprobs":
     fn = LOGPROB_IMPLS[impl]
     args = (h, w, y)

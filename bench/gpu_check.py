@@ -9,7 +9,7 @@
    row depends on that row only, so the subset check is exact); the one-pass ``grpo_loss``
    path against the two-pass one.
 2. Benchmarks: ``pytest bench/test_bench_logprobs.py bench/test_bench_loss.py`` with
-   ``--benchmark-json``: fastgrpo (both loss paths), naive, Liger, Cut Cross-Entropy, and the
+   ``--bench-json``: fastgrpo (both loss paths), naive, Liger, Cut Cross-Entropy, and the
    three cuBLAS GEMMs of the shape (the 6*N*D*V floor).
 3. Markdown tables (time, peak extra memory, the ratio to the fastest peer and to the three
    cuBLAS GEMMs) written to ``<out>/<device>-<date>.md`` with the JSON beside it.
@@ -99,9 +99,7 @@ def correctness(n, d, v, device, dtype, backend, subset=256):
 def summarize(bench_json) -> str:
     """The closing tables of the benchmark session (bench/conftest.py), from its JSON."""
     from conftest import tables
-    data = json.loads(Path(bench_json).read_text())
-    return tables([dict(b["extra_info"], median=b["stats"]["median"])
-                   for b in data["benchmarks"] if b.get("extra_info", {}).get("kind")])
+    return tables(json.loads(Path(bench_json).read_text()))
 
 
 def rollout_table(device, smoke: bool) -> str:
@@ -157,7 +155,7 @@ def main():
         bench_json = out / f"{tag}.json"
         cmd = [sys.executable, "-m", "pytest", str(HERE / "test_bench_logprobs.py"),
                str(HERE / "test_bench_loss.py"), "-q", "-p", "no:cacheprovider",
-               f"--benchmark-json={bench_json}"]
+               f"--bench-json={bench_json}"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
         if bench_json.exists():

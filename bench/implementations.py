@@ -1,18 +1,23 @@
 """The implementations the benchmarks compare, each a fwd+bwd closure over (h, w, y, ...).
 
-* ``fastgrpo``: ``fused_logprobs`` / ``grpo_loss`` (triton on CUDA, torch elsewhere).
+* ``fastgrpo``: ``fused_logprobs`` / ``grpo_loss`` (triton on CUDA, torch elsewhere);
+  ``fastgrpo_keep_logits``: ``fused_logprobs(keep_logits=True)`` (the logits kept for the
+  backward: three GEMMs, N*V*4 bytes; not counted for "least memory").
 * ``naive``: full logits + log_softmax in PyTorch (what a plain RL loop does).
 * ``liger``: Liger-Kernel's chunked selective log-prob (logp) / LigerFusedLinearGRPOLoss.
 * ``liger_triton_grpo``: Liger's Triton ``triton_grpo_loss`` fed with materialized logits
   (CUDA only).
 * ``cce``: Apple's Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (the log-prob
   of the target, no entropy): its Triton kernels on CUDA, its ``torch_compile`` implementation
-  elsewhere.
+  elsewhere.  In the loss table ``cce`` is those log-probs composed with the same GRPO
+  objective (``grpo_objective``, plain PyTorch on the ``[N]`` vectors).
 * ``floor``: the three matrix products of the same shape that any fwd+bwd must run (logits,
-  dH, dW: 6*N*D*V FLOPs) through ``torch.mm``, measured in the same run: the time floor.
+  dH, dW: 6*N*D*V FLOPs) through ``torch.mm`` in the inputs' dtype, each in its fastest layout,
+  measured in the same run: the time floor (``floor_fn``).
 
-``fastgrpo`` in the loss table is the automatic choice (one pass on CPU, the Triton two-pass
-kernels on CUDA); ``fastgrpo_two_pass`` / ``fastgrpo_one_pass`` force each path.
+``fastgrpo`` in the loss table is the automatic choice (one pass on CPU, two passes for bf16
+through the native CPU kernels and on CUDA); ``fastgrpo_two_pass`` / ``fastgrpo_one_pass``
+force each path.
 """
 
 import torch
@@ -29,6 +34,12 @@ def _entropy_from_logz(logz):
 
 def logprobs_fastgrpo(h, w, y):
     logp, ent = fused_logprobs(h, w, y, return_entropy=True)
+    (logp.sum() + 0.01 * ent.sum()).backward()
+
+
+def logprobs_fastgrpo_keep_logits(h, w, y):
+    """``keep_logits=True``: N*V*4 bytes kept from forward to backward, three GEMMs."""
+    logp, ent = fused_logprobs(h, w, y, return_entropy=True, keep_logits=True)
     (logp.sum() + 0.01 * ent.sum()).backward()
 
 
@@ -72,8 +83,35 @@ def floor_gemms(h, w, z, dw, layouts):
             FLOOR_LAYOUTS[product][name](h, w, z, dw)
 
 
-LOGPROB_IMPLS = {"fastgrpo": logprobs_fastgrpo, "naive": logprobs_naive,
-                 "liger": logprobs_liger, "cce": logprobs_cce}
+def floor_fn(h, w, timer, sync):
+    """The floor of (h, w)'s shape and dtype as a callable, each product in the layout that
+    measured fastest here (one timed call of each layout after a warm-up)."""
+    h, w = h.detach(), w.detach()
+    with torch.no_grad():
+        z = (h @ w.T) / w.shape[0]   # stands in for dz: any dense [N, V] operand costs the same
+    dw = torch.zeros_like(w)
+    layouts = {}
+    for product, options in FLOOR_LAYOUTS.items():
+        times = {}
+        for name, fn in options.items():
+            with torch.no_grad():
+                fn(h, w, z, dw)      # warm
+                sync()
+                t0 = timer()
+                fn(h, w, z, dw)
+                sync()
+            times[name] = timer() - t0
+        layouts[product] = min(times, key=times.get)
+
+    def run():
+        floor_gemms(h, w, z, dw, layouts)
+    run.layouts = layouts
+    return run
+
+
+LOGPROB_IMPLS = {"fastgrpo": logprobs_fastgrpo,
+                 "fastgrpo_keep_logits": logprobs_fastgrpo_keep_logits,
+                 "naive": logprobs_naive, "liger": logprobs_liger, "cce": logprobs_cce}
 
 
 # ----------------------------------------------------------------------------- GRPO loss
@@ -113,16 +151,31 @@ def _padded(h, y, cu, old, ref):
     return h.view(b, t, -1), y.view(b, t), old.view(b, t), ref.view(b, t)
 
 
-def loss_naive(h, w, y, cu, adv, old, ref):
-    hp, yp, oldp, refp = _padded(h, y, cu, old, ref)
-    logz = torch.log_softmax((hp @ w.T).float(), dim=-1)
-    lp = logz.gather(-1, yp[..., None]).squeeze(-1)
+def grpo_objective(lp, oldp, refp, adv):
+    """LOSS_OPTS's objective on padded [B, T] log-probs (equal-length sequences): clipped ratio,
+    k3 KL, the grpo loss type's per-sequence mean then mean."""
     ratio = torch.exp(lp - oldp)
     a = adv[:, None]
     per_tok = -torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a)
     d = refp - lp
     per_tok = per_tok + LOSS_OPTS["beta"] * (d.exp() - d - 1)
-    per_tok.mean(1).mean().backward()
+    return per_tok.mean(1).mean()
+
+
+def loss_naive(h, w, y, cu, adv, old, ref):
+    hp, yp, oldp, refp = _padded(h, y, cu, old, ref)
+    logz = torch.log_softmax((hp @ w.T).float(), dim=-1)
+    lp = logz.gather(-1, yp[..., None]).squeeze(-1)
+    grpo_objective(lp, oldp, refp, adv).backward()
+
+
+def loss_cce(h, w, y, cu, adv, old, ref):
+    """Cut Cross-Entropy's log-probs (the negative of its per-token loss) and the objective."""
+    from cut_cross_entropy import linear_cross_entropy
+    impl = "cce" if h.is_cuda else "torch_compile"
+    lp = -linear_cross_entropy(h, w, y, reduction="none", impl=impl).float()
+    _, _, oldp, refp = _padded(h, y, cu, old, ref)
+    grpo_objective(lp.view(oldp.shape), oldp, refp, adv).backward()
 
 
 def loss_liger(h, w, y, cu, adv, old, ref):
@@ -150,5 +203,5 @@ def loss_liger_triton_grpo(h, w, y, cu, adv, old, ref):
 
 LOSS_IMPLS = {"fastgrpo": loss_fastgrpo, "fastgrpo_two_pass": loss_fastgrpo_two_pass,
               "fastgrpo_one_pass": loss_fastgrpo_one_pass, "naive": loss_naive,
-              "liger": loss_liger, "liger_triton_grpo": loss_liger_triton_grpo}
+              "liger": loss_liger, "liger_triton_grpo": loss_liger_triton_grpo, "cce": loss_cce}
 OURS = ("fastgrpo", "fastgrpo_two_pass", "fastgrpo_one_pass")

@@ -16,6 +16,8 @@ import fastgrpo.ops.logprobs as lp_mod
 from fastgrpo import fused_logprobs
 from fastgrpo.ops.logprobs import naive_logprobs
 
+pytestmark = pytest.mark.usefixtures("native_mode")  # native kernels and the fallback
+
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
        torch.float16: dict(atol=1e-2, rtol=1e-2)}
 
@@ -305,3 +307,28 @@ def test_torch_backend_peak_memory_does_not_grow_with_n_times_v():
           f"{logits_bytes / 2**20:.0f} MiB")
     assert logits_bytes >= 2**30
     assert growth < 200 * 2**20, f"peak grew by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_logits_matches_float64_without_a_recompute(blocks, dtype, monkeypatch):
+    """keep_logits=True: the forward's logits serve the backward (no logits GEMM there), with
+    the same values and gradients against float64 as the default path."""
+    h, w, y = make(41, 16, 203, dtype, 21, ignore_frac=0.2)
+    logp, ent = fused_logprobs(h, w, y, temperature=0.8, return_entropy=True, keep_logits=True)
+    hr = h.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    rlogp, rent = naive_logprobs(hr, wr, y, temperature=0.8)
+    tol = TOL[dtype]
+    torch.testing.assert_close(logp.double(), rlogp.detach(), **tol)
+    torch.testing.assert_close(ent.double(), rent.detach(), **tol)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the backward recomputed the logits")
+    monkeypatch.setattr(lp_mod, "_logits", no_recompute)
+    monkeypatch.setattr(lp_mod, "_NativeWeight", no_recompute)
+    a, b = upstream(y, "both", 22)
+    gh, gw = torch.autograd.grad(loss_of(logp, ent, a, b), (h, w))
+    rgh, rgw = torch.autograd.grad(loss_of(rlogp, rent, a, b), (hr, wr))
+    scale_h, scale_w = rgh.abs().max(), rgw.abs().max()
+    torch.testing.assert_close(gh.double() / scale_h, rgh / scale_h, **tol)
+    torch.testing.assert_close(gw.double() / scale_w, rgw / scale_w, **tol)

@@ -13,6 +13,8 @@ import fastgrpo.ops.loss as loss_mod
 from fastgrpo import grpo_loss
 from test_loss import grads, make_batch, reference_loss
 
+pytestmark = pytest.mark.usefixtures("native_mode")  # native kernels and the fallback
+
 V = 70
 OPTIONS = {
     "plain": dict(),

@@ -27,7 +27,12 @@ recompute, the same fixed-size workspace.
 Backends
 --------
 * ``torch``: blocks computed with ``torch.mm``; forward merges vocabulary blocks with an
-  online log-sum-exp.  The CPU default.
+  online log-sum-exp.  The CPU default.  On CPU (fp32, bf16) the blocks go through the native
+  kernels of ``csrc/`` when they are built (``fastgrpo.ops._native``; ``FASTGRPO_NATIVE=0``
+  forces plain torch): bf16 logits GEMMs with an fp32 result (oneDNN brgemm) whose tiles feed
+  one fused sweep for the row statistics and one for dz while in cache, and for fp32 the same
+  two sweeps over ``torch.mm`` blocks.  ``keep_logits=True`` keeps the ``[N, V]`` logits for
+  the backward instead (three GEMMs, N*V*4 bytes).
 * ``triton``: the forward is one fused Triton kernel (logits tiles on tensor cores, online
   log-sum-exp and entropy in registers, nothing written but three floats per row).  The
   backward recomputes each block's logits *and* forms ``dL/dz`` in one Triton kernel, then
@@ -43,10 +48,11 @@ import os
 
 import torch
 
+from fastgrpo.ops._native import native as _native
 from fastgrpo.ops.sharded import full_weight, refuse_partitioned, sharded_grad
 
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
-           "linear_one_pass", "BACKENDS", "validate_inputs", "resolve_backend"]
+           "linear_one_pass", "linear_forward_keep", "one_pass_pays", "BACKENDS", "validate_inputs", "resolve_backend"]
 
 # Workspace budget of one [rows x vocab] block, in elements.  CPU: 4M (16 MiB in fp32; the
 # torch path keeps a few block-sized temporaries alive).  CUDA: 16M (32 MiB of bf16 gradient
@@ -59,9 +65,11 @@ _BLOCK_ELEMS_CUDA = 1 << 24
 # slices of ~_SLICE_ELEMS so its temporaries stay in cache.  Measured on this 2-core EPYC (one
 # thread, fresh process): 1024x256x32768 69 MiB peak extra (177 MiB with 16M-element blocks and
 # 2M-element slices, at the same speed), 4096x512x65536 204 MiB (281), 2048x1024x151936
-# 754 MiB (744; 594 of it is dW itself).
+# 754 MiB (744; 594 of it is dW itself).  At least 256 rows since 2026-12-06: the three fp32
+# GEMMs of 128-row blocks ran 1.15x slower than of 256-row blocks at 4096x512x65536 (5.9 s
+# against 5.1 s, one thread of a Xeon with AMX), for 32 MiB more block at V = 65536.
 _ONE_PASS_ELEMS = 1 << 22
-_ONE_PASS_MIN_ROWS = 128
+_ONE_PASS_MIN_ROWS = 256
 _SLICE_ELEMS = 1 << 19
 # CUDA: whole blocks at once (slices would be thousands of tiny launches); 32M elements = 128 MiB
 # of fp32 logits plus the same for exp() and half that for the bf16 dz.
@@ -240,6 +248,146 @@ def _torch_grad_logits(hc, wc, yc, c0, lse, ent, gl, ge, inv_t, out_dtype, clamp
     return dz.to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- native blocks
+# The same blocks through the C++ kernels (csrc/, fastgrpo.ops._native) when they are built:
+# bf16 logits GEMMs with a float32 result (oneDNN brgemm) and one fused sweep per block for the
+# row statistics and one for dz, instead of the chains of torch ops above.  Logits stay raw
+# (h @ w.T) in the block; the sweeps apply 1/T and the -inf clamp in registers.
+
+
+def _native_for(h):
+    """The native module when it serves ``h`` (CPU, fp32 or bf16), else None."""
+    if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return _native()
+
+
+class _NativeWeight:
+    """A vocabulary slice ``w [C, D]`` prepared once for its logits GEMMs: packed for brgemm
+    (bf16 where the CPU has bf16 dot products: the GEMM tiles feed the sweeps while in cache),
+    else float32 for ``torch.mm`` into a block the sweeps then read."""
+
+    def __init__(self, mod, w):
+        self.mod, self.c = mod, w.shape[0]
+        self.bf16 = (w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0
+                     and mod.brgemm_available())
+        self.packed = mod.pack_bf16(w) if self.bf16 else None
+        self.w = None if self.bf16 else w.float()
+
+    def logits(self, hc, buf):
+        """Raw float32 logits ``hc @ w.T`` [R, C], written into ``buf`` (a flat scratch)."""
+        z = buf[:hc.shape[0] * self.c].view(hc.shape[0], self.c)
+        if self.bf16:
+            self.mod.logits_bf16(_rows(hc), self.packed, self.c, z)
+            return z
+        return torch.mm(hc.float(), self.w.T, out=z)
+
+    def stats_(self, hc, yc, c0, inv_t, state, buf, keep=False):
+        """Fold this slice's logits into the rows' online statistics ``state`` = (m, s, t, zy);
+        returns the raw logits block when ``keep`` (one pass: dz is built from it)."""
+        if self.bf16:
+            z = buf[:hc.shape[0] * self.c].view(hc.shape[0], self.c) if keep else None
+            self.mod.stats_bf16_(_rows(hc), self.packed, self.c, yc, c0, inv_t, *state, z)
+            return z
+        z = self.logits(hc, buf)
+        self.mod.row_stats_(z, yc, c0, inv_t, *state)
+        return z
+
+    def grad(self, hc, yc, c0, inv_t, lse, ent, gl, ge, buf, out):
+        """dL/d(h W^T) of this slice for the rows ``hc`` into ``out`` (bf16 or float32)."""
+        a, b = _dz_coefficients(lse, ent, gl, ge)
+        gl = gl.float().contiguous()
+        if self.bf16 and out.dtype == torch.bfloat16:
+            self.mod.grad_bf16(_rows(hc), self.packed, self.c, yc, c0, inv_t, lse, a, b, gl,
+                               inv_t, out)
+            return out
+        z = self.logits(hc, buf)
+        out = z if out.dtype == torch.float32 else out
+        self.mod.grad_logits(z, yc, c0, inv_t, lse, a, b, gl, inv_t, out)
+        return out
+
+
+def _rows(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dz_coefficients(lse, ent, gl, ge):
+    """dz = gl 1[v = y] - p (a + b z): a = gl - ge Ez, b = ge (Ez = lse - entropy)."""
+    gl = gl.float().contiguous()
+    if ge is None:
+        return gl, torch.zeros_like(gl)
+    ge = ge.float().contiguous()
+    return (gl - ge * (lse - ent)).contiguous(), ge
+
+
+def _native_state(n):
+    return (torch.full((n,), float("-inf")), torch.zeros(n), torch.zeros(n), torch.zeros(n))
+
+
+def one_pass_pays(h) -> bool:
+    """Whether the one-pass path beats the two-pass path for ``h`` on CPU: yes, except bf16
+    through the native kernels, where the recompute is a bf16 GEMM that feeds the sweeps in
+    cache, cheaper than writing and re-reading an fp32 logits block (measured: bench/results)."""
+    mod = _native_for(h)
+    return not (mod is not None and h.dtype == torch.bfloat16 and h.shape[-1] % 2 == 0
+                and mod.brgemm_available())
+
+
+def _native_forward(mod, h, w, y, inv_t):
+    n, v = h.shape[0], w.shape[0]
+    rows, cols = _block_shape(n, v)
+    state = _native_state(n)
+    buf = torch.empty(min(n, rows) * min(v, cols))
+    for c0 in range(0, v, cols):        # vocabulary outermost: each slice is packed once
+        wn = _NativeWeight(mod, w[c0:c0 + cols])
+        for r0 in range(0, n, rows):
+            sl = slice(r0, r0 + rows)
+            wn.stats_(h[sl], y[sl], c0, inv_t, [x[sl] for x in state], buf)
+    m, s, t, zy = state
+    lse = m + torch.log(s)
+    ent = lse - t / s
+    return zy - lse, ent, lse
+
+
+def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
+    n, v = h.shape[0], w.shape[0]
+    rows = max(1, min(n, max(_ONE_PASS_MIN_ROWS, _ONE_PASS_ELEMS // v)))
+    gd = _grad_dtype(h)
+    wn = _NativeWeight(mod, w)          # bf16: one packed copy of w (V*D*2 bytes)
+    wg = w.to(gd)
+    buf = torch.empty(rows * v)
+    dzbuf = None if gd == torch.float32 else torch.empty(rows * v, dtype=gd)
+    logp = torch.empty(n)
+    ent = torch.empty(n)
+    dh = torch.empty(n, h.shape[1], dtype=h.dtype) if need_h else None
+    dw = None if not need_w else torch.empty(v, h.shape[1]) if n else torch.zeros(v, h.shape[1])
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        hr, yr = h[sl], y[sl]
+        m, s, t, zy = state = _native_state(hr.shape[0])
+        z = wn.stats_(hr, yr, 0, inv_t, state, buf, keep=True)
+        lse = m + torch.log(s)
+        ent[sl] = lse - t / s
+        logp[sl] = zy - lse
+        gl, ge = token_grads(sl, logp[sl], ent[sl])
+        a, b = _dz_coefficients(lse, ent[sl], gl, ge)
+        dz = z if dzbuf is None else dzbuf[:z.numel()].view(z.shape)
+        mod.grad_logits(z, yr, 0, inv_t, lse, a, b, gl.float().contiguous(), inv_t, dz)
+        if need_h:
+            dh[sl] = _mm_f32(dz, wg)
+        if need_w:
+            if dz.dtype == torch.float32:
+                if r0 == 0:
+                    torch.mm(dz.T, hr.float(), out=dw)
+                else:
+                    dw.addmm_(dz.T, hr.float())
+            elif r0 == 0:
+                dw.copy_(dz.T @ hr.to(gd))
+            else:
+                mod.add_bf16_(dw, dz.T @ hr.to(gd))
+    return logp, ent, dh, (None if dw is None else dw.to(w.dtype))
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -258,6 +406,9 @@ def linear_forward(h, w, y, inv_t: float, backend: str):
         return e, e.clone(), e.clone()
     if backend == "triton":
         return _triton_module().forward(h, w, y, inv_t)
+    mod = _native_for(h)
+    if mod is not None:
+        return _native_forward(mod, h, w, y, inv_t)
     return _torch_forward(h, w, y, inv_t)
 
 
@@ -287,8 +438,48 @@ def _addmm_f32_(acc, a, b, alpha):
     acc.add_(a @ b, alpha=alpha)   # promotes in place: no float32 temporary
 
 
+def linear_forward_keep(h, w, y, inv_t: float):
+    """``linear_forward`` (torch backend) that also returns the float32 ``[N, V]`` logits for
+    ``linear_backward(logits=...)``: the caller spends N*V*4 bytes to save the backward's
+    logits GEMM (three logits-sized GEMMs in all instead of four)."""
+    n, v = h.shape[0], w.shape[0]
+    mod = _native_for(h)
+    if mod is not None:             # raw logits; the sweeps apply 1/T and the clamp
+        m, s, t, zy = state = _native_state(n)
+        z = torch.empty(n, v)
+        _NativeWeight(mod, w).stats_(h, y, 0, inv_t, state, z.view(-1), keep=True)
+    else:                           # scaled, clamped logits
+        z = _logits(h, w, inv_t, _needs_clamp(w))
+        m = z.amax(1)
+        e = torch.sub(z, m[:, None]).exp_()
+        s, t, zy = e.sum(1), torch.linalg.vecdot(e, z), _pick(z, y, 0)
+        del e
+    lse = m + torch.log(s)
+    ent = lse - t / s
+    return zy - lse, ent, lse, z
+
+
+def _kept_grad_block(h, logits, gdtype, buf_elems):
+    """dL/dz of a block of kept logits (``linear_forward_keep``), for ``linear_backward``."""
+    mod = _native_for(h)
+    if mod is None:
+        def block(z, yc, c0, lse, ent, gl, ge, inv_t):
+            dz = _dz_(z.clone(), torch.sub(z, lse[:, None]).exp_(), torch.ones_like(lse),
+                      lse - ent, yc, c0, gl, ge)
+            return (dz.mul_(inv_t) if inv_t != 1.0 else dz).to(gdtype)
+        return block
+    dzbuf = torch.empty(buf_elems, dtype=gdtype)
+
+    def block(z, yc, c0, lse, ent, gl, ge, inv_t):  # noqa: E306
+        out = dzbuf[:z.numel()].view(z.shape)
+        a, b = _dz_coefficients(lse, ent, gl, ge)
+        mod.grad_logits(z, yc, c0, inv_t, lse, a, b, gl.float().contiguous(), inv_t, out)
+        return out
+    return block
+
+
 def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
-                    need_h: bool = True, need_w: bool = True):
+                    need_h: bool = True, need_w: bool = True, logits=None):
     """Gradients of ``sum(gl * logp + ge * entropy)`` w.r.t. ``h`` and ``w``.
 
     Walks the [N x V] plane in fixed-size blocks, vocabulary blocks outermost: each block's
@@ -296,6 +487,8 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
     torch), then two GEMMs fold it into ``dh`` (float32, [N, D]) and into the float32
     accumulator of the current vocabulary slice of ``dw`` ([cols, D]), which is written out
     once.  Extra memory: N*D*4 + cols*D*4 + one block; never O(V*D) in float32.
+    ``logits``: the ``[N, V]`` logits kept by ``linear_forward_keep`` (torch backend), read
+    instead of recomputed.
     """
     n, v = h.shape[0], w.shape[0]
     rows, cols = _block_shape(n, v, h.is_cuda)
@@ -306,10 +499,23 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
     if backend == "triton":
         grad_block = _triton_module().grad_logits
         ge = torch.zeros_like(gl) if ge is None else ge
+    elif _native_for(h) is not None:
+        mod = _native_for(h)
+        buf = torch.empty(min(n, rows) * min(v, cols))
+        dzbuf = torch.empty(buf.numel(), dtype=gdtype)
+        prepared = {}                 # the current vocabulary slice, packed once
+
+        def grad_block(hc, wc, yc, c0, lse_, ent_, gl_, ge_, inv_t_, out_dtype):  # noqa: E306
+            if prepared.get("c0") != c0:
+                prepared.update(c0=c0, wn=_NativeWeight(mod, wc))
+            out = dzbuf[:hc.shape[0] * wc.shape[0]].view(hc.shape[0], wc.shape[0])
+            return prepared["wn"].grad(hc, yc, c0, inv_t_, lse_, ent_, gl_, ge_, buf, out)
     else:
         clamp = _needs_clamp(w)
         def grad_block(*args):  # noqa: E306
             return _torch_grad_logits(*args, clamp=clamp)
+    if logits is not None:
+        kept_block = _kept_grad_block(h, logits, gdtype, min(n, rows) * min(v, cols))
     row_blocks = [slice(r0, r0 + rows) for r0 in range(0, n, rows)]
     if not h.is_cuda:  # skip blocks nothing flows into (e.g. all ignored); no host sync on GPU
         row_blocks = [sl for sl in row_blocks
@@ -320,8 +526,12 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
         dw_acc = None
         for sl in row_blocks:
             hc = h[sl]
-            dz = grad_block(hc, wc, y[sl], c0, lse[sl], ent[sl], gl[sl],
-                            None if ge is None else ge[sl], inv_t, gdtype)
+            if logits is None:
+                dz = grad_block(hc, wc, y[sl], c0, lse[sl], ent[sl], gl[sl],
+                                None if ge is None else ge[sl], inv_t, gdtype)
+            else:
+                dz = kept_block(logits[sl, c0:c0 + cols], y[sl], c0, lse[sl], ent[sl], gl[sl],
+                                None if ge is None else ge[sl], inv_t)
             if need_h:
                 dh[sl] += _mm_f32(dz, wg)
             if need_w:
@@ -350,6 +560,9 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
     Returns ``(logp, ent, dh, dw)``: float32 ``[N]``, ``[N]``, and the gradients of
     ``sum(g_logp * logp + g_ent * ent)`` (``None`` where not needed).
     """
+    mod = _native_for(h)
+    if mod is not None:
+        return _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w)
     n, v = h.shape[0], w.shape[0]
     dev = h.device
     budget = _ONE_PASS_ELEMS_CUDA if h.is_cuda else _ONE_PASS_ELEMS
@@ -389,27 +602,31 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
 
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, y, inv_t, backend):
+    def forward(ctx, h, w, y, inv_t, backend, keep_logits=False):
         # w: a plain weight, or an FSDP2-sharded DTensor gathered per pass (ops/sharded.py)
-        logp, ent, lse = linear_forward(h, full_weight(w), y, inv_t, backend)
-        ctx.save_for_backward(h, w, y, lse, ent)
+        logits = None
+        if keep_logits and backend == "torch" and h.shape[0] and any(ctx.needs_input_grad[:2]):
+            logp, ent, lse, logits = linear_forward_keep(h, full_weight(w), y, inv_t)
+        else:
+            logp, ent, lse = linear_forward(h, full_weight(w), y, inv_t, backend)
+        ctx.save_for_backward(h, w, y, lse, ent, logits)
         ctx.inv_t, ctx.backend = inv_t, backend
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, w, y, lse, ent = ctx.saved_tensors
+        h, w, y, lse, ent, logits = ctx.saved_tensors
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         ge = None if g_ent is None else g_ent.float().contiguous()
         dh, dw = linear_backward(h, full_weight(w), y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
-                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, sharded_grad(dw, w), None, None, None
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits)
+        return dh, sharded_grad(dw, w), None, None, None, None
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, return_entropy: bool = False,
                    ignore_index: int = -100, backend: str = "auto",
-                   vocab_parallel_group=None):
+                   vocab_parallel_group=None, keep_logits: bool = False):
     """Log-probabilities of ``targets`` under ``softmax(hidden @ weight.T / temperature)``.
 
     Args:
@@ -426,6 +643,10 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
             ``hidden`` the same on every rank and ``targets`` global ids; the softmax is over
             the whole vocabulary and ``hidden``'s gradient is summed over the group
             (``fastgrpo.ops.vocab_parallel``).
+        keep_logits: keep the float32 ``[N, V]`` logits from the forward for the backward
+            (torch backend, when a gradient is wanted): N*V*4 bytes more, one logits-sized
+            GEMM less (three instead of four).  Off by default: memory stays O(block).
+            Not with ``vocab_parallel_group``.
 
     Returns:
         ``logp`` (float32, shape of ``targets``), and ``entropy`` when asked for.  Both are
@@ -455,7 +676,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                                             vocab_parallel_group, start)
     else:
         logp, ent = _FusedLogprobs.apply(h, w, torch.where(valid, y, -1),
-                                         1.0 / float(temperature), backend)
+                                         1.0 / float(temperature), backend, bool(keep_logits))
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     logp = torch.where(valid, logp, zero).reshape(shape)
     if not return_entropy:

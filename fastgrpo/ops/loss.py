@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from fastgrpo.ops.logprobs import (linear_backward, linear_forward, linear_one_pass,
-                                  resolve_backend, validate_inputs)
+                                  one_pass_pays, resolve_backend, validate_inputs)
 from fastgrpo.ops.advantages import group_index
 from fastgrpo.ops.loss_config import IS_LEVELS, LOSS_TYPES, LossConfig, LossConfigError
 from fastgrpo.ops.sharded import full_weight, is_dtensor, sharded_grad
@@ -557,7 +557,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     need_w = torch.is_grad_enabled() and w.requires_grad
     one_pass = cfg.one_pass
     if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
-        one_pass = backend == "torch" and not h.is_cuda
+        one_pass = backend == "torch" and not h.is_cuda and one_pass_pays(h)
     if vocab_parallel_group is not None:   # the objective on the gathered [M] statistics
         from fastgrpo.ops.vocab_parallel import vocab_parallel_logprobs
         logp, ent = vocab_parallel_logprobs(h_tok, w, y_tok, 1.0 / float(temperature), backend,

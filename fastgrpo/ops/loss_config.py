@@ -66,8 +66,12 @@ class LossConfig:
         the kept tokens, divided by this number (TRL: the accumulation steps).
     ignore_index: the target id of positions that are not completion tokens.
     backend: ``"auto"``, ``"torch"`` or ``"triton"`` (``fastgrpo.ops.logprobs``).
-    one_pass: loss and gradients in one walk over the logits when the objective is token-local
-        (``None``: on for the torch backend on CPU; ``False`` forces the two-pass path).
+    one_pass: loss and gradients in one walk over the logits (three GEMMs, no recompute in
+        backward) when the objective is token-local (token-level ratio; no EGSW, entropy
+        quantile, off-policy mask or VESPO).  ``None``: on for the torch backend on CPU, where it
+        measures faster, except bf16 through the native kernels (a recomputed bf16 logits GEMM
+        costs less than storing and re-reading fp32 logits there: bench/results); ``False``
+        forces the two-pass path.  An FSDP2-sharded (DTensor) ``weight`` takes the two-pass path.
     """
 
     loss_type: str = "grpo"

@@ -1,0 +1,170 @@
+"""The native CPU kernels (csrc/fastgrpo_csrc/fastgrpo_cpu.cpp) against float64 PyTorch, each
+piece on its own and through fused_logprobs / grpo_loss, and the build's fallback.
+
+The rest of the kernel tests (test_logprobs.py, test_loss_one_pass.py) run through both the
+native kernels and the torch fallback (the ``native_mode`` fixture)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastgrpo.ops.logprobs as lp_mod
+from fastgrpo import fused_logprobs, grpo_loss
+from fastgrpo.ops._native import native
+from fastgrpo.ops.logprobs import naive_logprobs
+
+
+@pytest.fixture(scope="module")
+def mod():
+    m = native()
+    if m is None:
+        pytest.skip("native CPU kernels not built (FASTGRPO_NATIVE=0 or no compiler)")
+    return m
+
+
+def _inputs(n, d, v, dtype, seed, logit_std=2.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5 * logit_std).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    return h, w, y
+
+
+@pytest.mark.parametrize("n,d,v", [(1, 2, 1), (37, 24, 131), (70, 64, 1000)])
+def test_bf16_logits_gemm_has_an_fp32_result(mod, n, d, v):
+    """bf16 operands, float32 result: equal to float64 products of the same bf16 numbers up to
+    fp32 accumulation (torch.mm on bf16 would round the result to bf16: ~1e-2 here)."""
+    if not mod.brgemm_available():
+        pytest.skip("this CPU has no bf16 brgemm (AMX / AVX-512-BF16)")
+    h, w, _ = _inputs(n, d, v, torch.bfloat16, n + v)
+    z = torch.full((n, v + 5), float("nan"))[:, :v]    # a strided block, as the blocks are
+    mod.logits_bf16(h, mod.pack_bf16(w), v, z)
+    ref = h.double() @ w.double().T
+    assert float((z.double() - ref).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_row_stats_and_grad_logits_sweeps(mod, scale):
+    """Online statistics over ragged column blocks (a -inf column included) and dz, fp32 and
+    bf16, against float64 log-softmax algebra."""
+    g = torch.Generator().manual_seed(3)
+    r, c = 19, 203
+    raw = torch.randn(r, c, generator=g) * 3
+    raw[:, 7] = float("-inf")
+    y = torch.randint(0, c, (r,), generator=g)
+    y[y == 7] = 8
+    y[4] = -1                                   # a row without a target
+    m = torch.full((r,), float("-inf"))
+    s, t, zy = torch.zeros(r), torch.zeros(r), torch.zeros(r)
+    for c0 in (0, 50, 61, 200):
+        c1 = {0: 50, 50: 61, 61: 200, 200: c}[c0]
+        mod.row_stats_(raw[:, c0:c1], y, c0, scale, m, s, t, zy)
+    z = raw.double() * scale
+    lse = torch.logsumexp(z, 1)
+    p = torch.softmax(z, 1)
+    ent = -(torch.where(p > 0, p * (z - lse[:, None]), 0.0)).sum(1)
+    got_lse = m.double() + s.double().log()
+    torch.testing.assert_close(got_lse, lse, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got_lse - t.double() / s.double(), ent, atol=1e-5, rtol=1e-5)
+    has = y >= 0
+    zt = z.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+    torch.testing.assert_close(zy.double()[has], zt[has], atol=1e-5, rtol=1e-6)
+    assert float(zy[4]) == 0.0
+
+    gl, ge = torch.randn(r, generator=g), torch.randn(r, generator=g)
+    ez = lse - ent
+    ref = -p * (gl.double()[:, None] + ge.double()[:, None] * (z - ez[:, None]))
+    ref[has.nonzero().squeeze(1), y[has]] += gl.double()[has]
+    ref = torch.where(torch.isinf(z), 0.0, ref) * scale
+    a = (gl.double() - ge.double() * ez).float()
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 8e-3)):
+        out = torch.empty(r, c, dtype=dtype)
+        mod.grad_logits(raw, y, 0, scale, lse.float(), a, ge, gl, scale, out)
+        err = (out.double() - ref).abs() / (ref.abs() + 1e-3)
+        assert float(err.max()) < tol, (dtype, float(err.max()))
+        assert float(out[:, 7].abs().max()) == 0.0      # the -inf column: exactly nothing
+    inplace = raw.clone()
+    mod.grad_logits(inplace, y, 0, scale, lse.float(), a, ge, gl, scale, inplace)
+    torch.testing.assert_close(inplace.double(), ref, atol=1e-5, rtol=2e-5)
+
+
+def test_add_bf16_into_fp32(mod):
+    acc = torch.randn(1000, 33)
+    x = torch.randn(1000, 33).bfloat16()
+    want = acc.double() + x.double()
+    mod.add_bf16_(acc, x)
+    torch.testing.assert_close(acc.double(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_bf16_logprobs_at_fp32_accuracy(mod, temperature, monkeypatch):
+    """bf16 hidden states and weight: log-probs within 1e-5 of float64 computed from the same
+    bf16 numbers (the logits GEMM keeps an fp32 result); gradients within bf16 accuracy.
+    Small blocks, so the forward merges several ragged vocabulary blocks."""
+    monkeypatch.setattr(lp_mod, "_BLOCK_ELEMS", 64 * 300)
+    monkeypatch.setattr(lp_mod, "_MAX_BLOCK_ROWS", 64)
+    h, w, y = _inputs(150, 64, 1000, torch.bfloat16, 5)
+    h.requires_grad_()
+    w.requires_grad_()
+    logp, ent = fused_logprobs(h, w, y, temperature=temperature, return_entropy=True)
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rlogp, rent = naive_logprobs(hr, wr, y, temperature=temperature)
+    assert float((logp.double() - rlogp).abs().max()) < 1e-5
+    assert float((ent.double() - rent).abs().max()) < 2e-5
+    g = torch.randn(150, generator=torch.Generator().manual_seed(6))
+    gh, gw = torch.autograd.grad((logp * g).sum() + 0.1 * ent.sum(), (h, w))
+    rgh, rgw = torch.autograd.grad((rlogp * g).sum() + 0.1 * rent.sum(), (hr, wr))
+    for got, want in ((gh, rgh), (gw, rgw)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_paths_call_the_native_kernels(mod, monkeypatch):
+    """fused_logprobs (forward, two-pass backward) and grpo_loss (one pass) on CPU run the
+    native sweeps when the kernels are built."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(mod, name)
+    monkeypatch.setattr(lp_mod, "_native", lambda: Spy())
+    h, w, y = _inputs(20, 16, 100, torch.float32, 7)
+    h.requires_grad_()
+    fused_logprobs(h, w, y).sum().backward()
+    assert {"row_stats_", "grad_logits"} <= set(calls)
+    calls.clear()
+    loss, _ = grpo_loss(h, w, y, torch.randn(2), cu_seqlens=torch.tensor([0, 9, 20]))
+    loss.backward()
+    assert {"row_stats_", "grad_logits"} <= set(calls)
+
+
+FALLBACK = textwrap.dedent("""
+    import warnings, torch
+    from fastgrpo import fused_logprobs
+    from fastgrpo.ops.logprobs import naive_logprobs
+    h, w, y = torch.randn(6, 8), torch.randn(30, 8), torch.randint(0, 30, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logp = fused_logprobs(h, w, y)
+    torch.testing.assert_close(logp.double(), naive_logprobs(h, w, y)[0], atol=1e-5, rtol=1e-5)
+    notes = [str(c.message) for c in caught if "native CPU kernels" in str(c.message)]
+    print(len(notes), notes[0] if notes else "")
+""")
+
+
+def test_no_compiler_falls_back_with_one_notice(tmp_path):
+    env = {**os.environ, "CXX": "/nonexistent/c++", "FASTGRPO_CACHE_DIR": str(tmp_path)}
+    env.pop("FASTGRPO_NATIVE", None)
+    out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    count, note = out.stdout.split(" ", 1)
+    assert count == "1" and "no C++ compiler" in note and "torch path" in note
+    env["FASTGRPO_NATIVE"] = "1"           # CI's setting: a failed build is an error
+    out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode != 0 and "FASTGRPO_NATIVE=1" in out.stderr
