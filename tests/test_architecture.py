@@ -19,8 +19,10 @@ DEPRECATED = {"fastgrpo.trainer.tasks", "fastgrpo.trainer.multiturn", "fastgrpo.
 MAX_CODE_LINES = 80
 # circles known and tolerated for now, each with its way out: fused_logprobs / grpo_loss import
 # the vocab-parallel path inside the function, which imports the block functions back
-# (linear_forward / linear_backward); issue 25 rewrites those functions in ops/logprobs.py, and
-# once it is merged they move to a module of their own (then this list is empty again)
+# (linear_forward / linear_backward).  Way out: the block functions and their helpers
+# (linear_forward[_keep], linear_backward, linear_one_pass, _native_for, ...) move from
+# ops/logprobs.py to a module of their own, and tests/conftest.py's native_mode fixture patches
+# _native_for there; then this list is empty again
 KNOWN_CIRCLES = [["fastgrpo.ops.logprobs", "fastgrpo.ops.vocab_parallel"]]
 
 
