@@ -17,13 +17,8 @@ PUBLIC_TRAINER = {"task", "config", "errors", "evaluation", "prompting", "rollou
 # old module paths kept for one release as re-exports of the task packages (not core)
 DEPRECATED = {"fastgrpo.trainer.tasks", "fastgrpo.trainer.multiturn", "fastgrpo.trainer.routing_sft"}
 MAX_CODE_LINES = 80
-# circles known and tolerated for now, each with its way out: fused_logprobs / grpo_loss import
-# the vocab-parallel path inside the function, which imports the block functions back
-# (linear_forward / linear_backward).  Way out: the block functions and their helpers
-# (linear_forward[_keep], linear_backward, linear_one_pass, _native_for, ...) move from
-# ops/logprobs.py to a module of their own, and tests/conftest.py's native_mode fixture patches
-# _native_for there; then this list is empty again
-KNOWN_CIRCLES = [["fastgrpo.ops.logprobs", "fastgrpo.ops.vocab_parallel"]]
+# circles known and tolerated (none today; a new one needs its way out written here)
+KNOWN_CIRCLES: list[list[str]] = []
 
 
 def _module_name(path: Path) -> str:

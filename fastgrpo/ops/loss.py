@@ -66,11 +66,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from fastgrpo.ops.logprobs import (linear_backward, linear_forward, linear_one_pass,
-                                  one_pass_pays, resolve_backend, validate_inputs)
 from fastgrpo.ops.advantages import group_index
+from fastgrpo.ops.blocks import (linear_backward, linear_forward, linear_one_pass, one_pass_pays,
+                                 resolve_backend, validate_inputs)
 from fastgrpo.ops.loss_config import IS_LEVELS, LOSS_TYPES, LossConfig, LossConfigError
 from fastgrpo.ops.sharded import full_weight, is_dtensor, sharded_grad
+from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_parallel_logprobs, vocab_range
 
 __all__ = ["grpo_loss", "FusedGRPOLoss", "LossConfig", "LossConfigError", "LOSS_TYPES", "IS_LEVELS",
            "NORMALIZERS"]
@@ -537,7 +538,6 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     temperature, backend, ignore_index = cfg.temperature, cfg.backend, cfg.ignore_index
     vocab = start = None
     if vocab_parallel_group is not None:
-        from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_range
         check_vocab_parallel(weight, backend)
         start, _, vocab = vocab_range(weight, vocab_parallel_group)
     validate_inputs(hidden, weight, targets, temperature, ignore_index, backend, vocab)
@@ -559,7 +559,6 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
         one_pass = backend == "torch" and not h.is_cuda and one_pass_pays(h)
     if vocab_parallel_group is not None:   # the objective on the gathered [M] statistics
-        from fastgrpo.ops.vocab_parallel import vocab_parallel_logprobs
         logp, ent = vocab_parallel_logprobs(h_tok, w, y_tok, 1.0 / float(temperature), backend,
                                             vocab_parallel_group, start)
         loss = objective(logp, ent)
