@@ -6,8 +6,9 @@ their data), ``fastgrpo.integrations`` (TRL, verl, OpenRLHF) and ``fastgrpo.hf``
 Face model helpers they share).
 """
 
-from fastgrpo.ops import FusedGRPOLoss, fused_logprobs, group_advantages, grpo_loss, process_advantages
+from fastgrpo.ops import (FusedGRPOLoss, LossConfig, fused_logprobs, group_advantages, grpo_loss,
+                          process_advantages)
 
-__all__ = ["fused_logprobs", "grpo_loss", "FusedGRPOLoss", "group_advantages",
+__all__ = ["fused_logprobs", "grpo_loss", "FusedGRPOLoss", "LossConfig", "group_advantages",
            "process_advantages"]
 __version__ = "0.1.0"

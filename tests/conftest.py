@@ -29,10 +29,10 @@ def native_mode(request, monkeypatch):
     """Run a kernel test through the native CPU kernels (csrc/, built on first use) and through
     the plain torch fallback.  The native case skips where the kernels cannot build, unless
     FASTGRPO_NATIVE=1 (CI) makes that an error; FASTGRPO_NATIVE=0 runs the fallback only."""
-    import fastgrpo.ops.logprobs as lp_mod
+    import fastgrpo.ops.blocks as blocks_mod
     from fastgrpo.ops._native import native
     if request.param == "torch":
-        monkeypatch.setattr(lp_mod, "_native_for", lambda h: None)
+        monkeypatch.setattr(blocks_mod, "_native_for", lambda h: None)
     elif native() is None:
         pytest.skip("native CPU kernels not built (FASTGRPO_NATIVE=0 or no compiler)")
     return request.param

@@ -52,7 +52,7 @@ def test_task_charts_runs_one_step(tmp_path):
 
 
 def test_shipped_warmup_reads_the_bars():
-    """The shipped chart warm-up (fastgrpo/tasks/assets/charts_warmup) reads held-out bars far
+    """The shipped chart warm-up (fastgrpo/tasks/charts/checkpoint) reads held-out bars far
     above chance (1/9): measured 1.00 on all 100 held-out charts, final answer 0.81."""
     from fastgrpo.tasks.charts import CHARTS_WARMUP_DIR, evaluate_charts
     from fastgrpo.trainer.policy import load_model

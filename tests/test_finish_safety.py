@@ -24,7 +24,9 @@ import torch
 from fastgrpo.tasks.arithmetic import make_splits
 from fastgrpo.tasks.data import DataError, load_jsonl, write_jsonl
 from fastgrpo.tasks.tiny_model import WARMUP_DIR
-from fastgrpo.trainer import loop as loop_mod
+from fastgrpo.trainer import evaluation as eval_mod
+from fastgrpo.trainer import finish as finish_mod
+from fastgrpo.trainer import setup as setup_mod
 from fastgrpo.trainer.checkpoint import list_checkpoints, verify_checkpoint
 from test_run_safety import _main, _train_file  # the same in-process harness
 
@@ -58,12 +60,12 @@ def test_train_file_without_eval_file_keeps_model_and_plot(tmp_path, capsys, mon
 
 
 def test_a_failing_plot_or_report_is_a_warning_and_the_model_stays(tmp_path, capsys, monkeypatch):
-    import fastgrpo.trainer.plot as plot
+    from fastgrpo.trainer.task import Task
 
     def broken(*a, **k):
         raise ValueError("cannot convert float NaN to integer")
-    monkeypatch.setattr(plot, "plot_curves", broken)
-    monkeypatch.setattr(loop_mod.Task, "report", broken)
+    monkeypatch.setattr(finish_mod, "plot_curves", broken)
+    monkeypatch.setattr(Task, "report", broken)
     out = tmp_path / "o"
     code, _, err = _main(capsys, "--out-dir", str(out), "--plot")
     assert code == 0, err
@@ -241,7 +243,7 @@ def test_a_failing_logger_is_a_warning_and_the_run_goes_on(tmp_path, capsys, mon
 def test_summary_write_failure_is_a_warning(tmp_path, capsys, monkeypatch):
     def full(*a, **k):
         raise ENOSPC
-    monkeypatch.setattr(loop_mod, "write_file", full)
+    monkeypatch.setattr(finish_mod, "write_file", full)
     out = tmp_path / "o"
     code, _, err = _main(capsys, "--out-dir", str(out))
     assert code == 0, err
@@ -419,7 +421,7 @@ def test_missing_optional_package_is_an_error_before_any_work(tmp_path, capsys, 
                                                              argv, module, install):
     monkeypatch.setitem(sys.modules, module, None)  # find_spec -> None: "not installed"
     loaded = []
-    monkeypatch.setattr(loop_mod, "load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(setup_mod, "load_model", lambda *a, **k: loaded.append(1))
     out = tmp_path / "o"
     code, _, err = _main(capsys, "--out-dir", str(out), *argv)
     assert code == 2, err
@@ -474,7 +476,7 @@ def test_eval_file_without_train_file_is_an_error(tmp_path, capsys):
 def _signal_on_eval(monkeypatch, sig, nth):
     """Send ``sig`` as the ``nth`` greedy evaluation starts generating; records the
     generations that ran to completion."""
-    real, calls, done = loop_mod.generate, [0], []
+    real, calls, done = eval_mod.generate, [0], []
 
     def generate(*a, **k):
         calls[0] += 1
@@ -483,7 +485,7 @@ def _signal_on_eval(monkeypatch, sig, nth):
         ro = real(*a, **k)
         done.append(calls[0])
         return ro
-    monkeypatch.setattr(loop_mod, "generate", generate)
+    monkeypatch.setattr(eval_mod, "generate", generate)  # the greedy evaluation's
     return done
 
 
@@ -502,13 +504,13 @@ def test_signal_in_the_initial_eval_stops_it_without_training(tmp_path, capsys, 
 
 
 def test_signal_during_set_up_stops_before_training(tmp_path, capsys, monkeypatch):
-    real, done = loop_mod.load_model, []
+    real, done = setup_mod.load_model, []
 
     def load_model(*a, **k):
         os.kill(os.getpid(), signal.SIGINT)
         done.append(real(*a, **k))
         return done[-1]
-    monkeypatch.setattr(loop_mod, "load_model", load_model)
+    monkeypatch.setattr(setup_mod, "load_model", load_model)
     out = tmp_path / "o"
     code, _, err = _main(capsys, "--out-dir", str(out), "--save-every", "1")
     assert code == 130, err

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-import fastgrpo.ops.logprobs as lp_mod
+import fastgrpo.ops.blocks as lp_mod  # the block machinery under fused_logprobs
 from fastgrpo import fused_logprobs
 from fastgrpo.ops.logprobs import naive_logprobs
 

@@ -20,7 +20,8 @@ from fastgrpo.trainer import distributed as dist_  # noqa: E402
 from fastgrpo.trainer.checkpoint import MODEL_FILE, STATE_FILE  # noqa: E402
 from fastgrpo.trainer.config import ConfigError, parse_args  # noqa: E402
 from fastgrpo.trainer.learn import _ref_logprobs, batch_logprobs, optimize  # noqa: E402
-from fastgrpo.trainer.loop import _setup, main  # noqa: E402
+from fastgrpo.trainer.loop import main  # noqa: E402
+from fastgrpo.trainer.setup import setup_run as _setup  # noqa: E402
 from fastgrpo.trainer.packing import pack_sequences  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +35,7 @@ TIMING = {"gen_tokens_per_s", "train_tokens_per_s", "gen_seconds", "train_second
 
 @pytest.fixture(scope="module")
 def tok():
-    from fastgrpo.tasks.tokenizer import build_tokenizer
+    from fastgrpo.tasks.arithmetic import build_tokenizer
     return build_tokenizer()
 
 

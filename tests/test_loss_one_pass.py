@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-import fastgrpo.ops.logprobs as lp_mod
+import fastgrpo.ops.blocks as lp_mod  # the block machinery under fused_logprobs
 import fastgrpo.ops.loss as loss_mod
 from fastgrpo import grpo_loss
 from test_loss import grads, make_batch, reference_loss

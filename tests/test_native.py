@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-import fastgrpo.ops.logprobs as lp_mod
+import fastgrpo.ops.blocks as lp_mod  # the block machinery under fused_logprobs
 from fastgrpo import fused_logprobs, grpo_loss
 from fastgrpo.ops._native import native
 from fastgrpo.ops.logprobs import naive_logprobs

@@ -50,7 +50,7 @@ def test_greedy_groups_share_the_prefill_and_equal_the_reference(tok_random):
 
 @pytest.fixture(scope="module")
 def tok_random():
-    from fastgrpo.tasks.tokenizer import build_tokenizer
+    from fastgrpo.tasks.arithmetic import build_tokenizer
     tok = build_tokenizer()
     model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=1).eval()
     with torch.no_grad():  # sharper logits than random init: temperature then matters

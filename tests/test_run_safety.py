@@ -113,7 +113,7 @@ def test_resume_refuses_another_runs_checkpoint_unless_forced(tmp_path, capsys):
     assert [m["step"] for m in _metrics(out)] == [1, 2]
     # a config saved before an option existed counts as having had its default
     import dataclasses
-    from fastgrpo.trainer.loop import _identity_fields, run_identity
+    from fastgrpo.trainer.identity import identity_fields as _identity_fields, run_identity
     now = dataclasses.asdict(parse_args(["--seed", "3"]))
     older = {k: v for k, v in now.items() if k != "entropy_coef"}
     assert _identity_fields(older) == _identity_fields(now) and run_identity(older) == run_identity(now)

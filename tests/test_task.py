@@ -15,7 +15,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def tok():
-    from fastgrpo.tasks.tokenizer import build_tokenizer
+    from fastgrpo.tasks.arithmetic import build_tokenizer
     return build_tokenizer()
 
 

@@ -20,7 +20,7 @@ from fastgrpo.trainer.policy import policy_hidden_states
 
 @pytest.fixture(scope="module")
 def tok():
-    from fastgrpo.tasks.tokenizer import build_tokenizer
+    from fastgrpo.tasks.arithmetic import build_tokenizer
     return build_tokenizer()
 
 

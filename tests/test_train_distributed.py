@@ -96,7 +96,7 @@ def assert_same_run(one: Path, two: Path) -> None:
             assert abs(a[k] - b[k]) <= 1e-5 + 1e-4 * abs(a[k]), (a["step"], k, a[k], b[k])
     assert m2[0]["micro_batches"] <= m1[0]["micro_batches"]
 
-    w0 = load_file(str(REPO / "fastgrpo" / "tasks" / "assets" / "warmup" / "model.safetensors"))
+    w0 = load_file(str(REPO / "fastgrpo" / "tasks" / "arithmetic" / "checkpoint" / "model.safetensors"))
     w1, w2 = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)

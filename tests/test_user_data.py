@@ -135,7 +135,7 @@ def test_without_the_datasets_library_the_error_gives_the_install_command(tmp_pa
 
 
 def test_conversational_prompts_go_through_the_chat_template(tmp_path):
-    from fastgrpo.tasks.tokenizer import build_tokenizer
+    from fastgrpo.tasks.arithmetic import build_tokenizer
     from fastgrpo.trainer.prompting import make_encoder
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tom has 3 apples"}]
     write_jsonl([{"prompt": msgs, "answer": "3"}, {"prompt": "Tom has 4 apples", "answer": 4}],

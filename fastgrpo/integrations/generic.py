@@ -21,6 +21,7 @@ import torch
 
 from fastgrpo.hf import backbone_hidden_states, lm_head_weight
 from fastgrpo.ops.loss import grpo_loss
+from fastgrpo.ops.loss_config import LossConfig
 
 __all__ = ["policy_loss", "backbone_hidden_states", "lm_head_weight", "verl_policy_loss",
            "openrlhf_policy_loss", "VERL_LOSS_AGG_MODES"]
@@ -34,19 +35,20 @@ VERL_LOSS_AGG_MODES = {"token-mean": "bnpo", "token-sum": "bnpo", "seq-mean-toke
 
 def policy_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
                 advantages, *, mask=None, cu_seqlens=None, old_logp=None, ref_logp=None,
-                **loss_kwargs):
+                config: LossConfig | None = None, **loss_kwargs):
     """The clipped GRPO/PPO policy loss from hidden states; returns ``(loss, metrics)``.
 
     ``hidden`` are the states that *predict* ``targets`` (already shifted): ``[B, T, D]`` with
     ``targets [B, T]`` and ``mask [B, T]`` (1 = scored), or packed ``[N, D]`` with
     ``cu_seqlens``.  ``advantages`` per sequence or per token; ``old_logp`` / ``ref_logp`` per
-    token (shaped like ``targets``).  ``loss_kwargs`` go to ``fastgrpo.grpo_loss``.
+    token (shaped like ``targets``).  ``config`` (a ``LossConfig``) and ``loss_kwargs`` go to
+    ``fastgrpo.grpo_loss``.
     ``metrics`` is a ``dict[str, float]`` (``entropy``, ``kl``, ``clip_ratio/*``,
     ``ratio/*``, ``logp``, ``num_tokens``).
     """
     loss, metrics = grpo_loss(hidden, lm_head_weight, targets, advantages,
                               completion_mask=mask, cu_seqlens=cu_seqlens,
-                              old_logp=old_logp, ref_logp=ref_logp, **loss_kwargs)
+                              old_logp=old_logp, ref_logp=ref_logp, config=config, **loss_kwargs)
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
@@ -54,6 +56,14 @@ def _reject(loss_kwargs, **instead):
     for name, use in instead.items():
         if name in loss_kwargs:
             raise TypeError(f"{name} is set by this adapter; use {use}")
+
+
+def _config(loss_kwargs, **fields) -> LossConfig:
+    """The adapter's ``LossConfig``; an option it sets may not come again in ``loss_kwargs``."""
+    for name in fields:
+        if name in loss_kwargs:
+            raise TypeError(f"got multiple values for keyword argument {name!r} (this adapter sets it)")
+    return LossConfig(**fields)
 
 
 def _count(x, what):
@@ -128,15 +138,15 @@ def verl_policy_loss(hidden, lm_head_weight, responses, response_mask, advantage
     norm = _verl_normalizer(loss_agg_mode, torch.as_tensor(response_mask).bool(), dp_size,
                             batch_num_tokens, global_batch_size, loss_scale_factor)
     gspo = loss_mode == "gspo"
+    config = _config(loss_kwargs, loss_type=VERL_LOSS_AGG_MODES[loss_agg_mode],
+                     importance_sampling_level="sequence" if gspo else "token",
+                     epsilon_low=clip_ratio_low, epsilon_high=clip_ratio_high,
+                     delta=None if gspo else clip_ratio_c, entropy_coef=entropy_coeff,
+                     beta=kl_loss_coef, kl_clamp=kl_clamp, temperature=temperature)
     return policy_loss(hidden[:, -r - 1:-1], lm_head_weight, responses, advantages,
                        mask=response_mask, old_logp=old_log_prob,
-                       ref_logp=ref_log_prob if kl_loss_coef else None,
-                       loss_type=VERL_LOSS_AGG_MODES[loss_agg_mode], num_items_in_batch=norm,
-                       importance_sampling_level="sequence" if gspo else "token",
-                       epsilon_low=clip_ratio_low, epsilon_high=clip_ratio_high,
-                       delta=None if gspo else clip_ratio_c, entropy_coef=entropy_coeff,
-                       beta=kl_loss_coef, kl_clamp=kl_clamp, temperature=temperature,
-                       **loss_kwargs)
+                       ref_logp=ref_log_prob if kl_loss_coef else None, num_items_in_batch=norm,
+                       config=config, **loss_kwargs)
 
 
 def openrlhf_policy_loss(hidden, lm_head_weight, sequences, action_mask, advantages,
@@ -178,13 +188,13 @@ def openrlhf_policy_loss(hidden, lm_head_weight, sequences, action_mask, advanta
         n = (max(float((mask.sum(-1) > 0).sum()), 1.0) if global_batch_size is None
              else _count(global_batch_size, "global_batch_size") / dp_size)
         aux = n_tok
+    config = _config(loss_kwargs, loss_type="bnpo" if token_level_loss else "grpo",
+                     kl_entropy_normalizer=aux,
+                     importance_sampling_level="sequence" if policy_loss_type == "gspo" else "token",
+                     epsilon_low=clip_eps_low, epsilon_high=clip_eps_high, delta=dual_clip,
+                     beta=kl_coef, entropy_coef=entropy_coef, kl_clamp=kl_clamp,
+                     temperature=temperature)
     return policy_loss(hidden[:, -a - 1:-1], lm_head_weight, sequences[:, -a:], advantages,
                        mask=action_mask, old_logp=old_log_probs,
-                       ref_logp=ref_log_probs if kl_coef else None,
-                       loss_type="bnpo" if token_level_loss else "grpo",
-                       num_items_in_batch=n, kl_entropy_normalizer=aux,
-                       importance_sampling_level="sequence" if policy_loss_type == "gspo"
-                       else "token",
-                       epsilon_low=clip_eps_low, epsilon_high=clip_eps_high, delta=dual_clip,
-                       beta=kl_coef, entropy_coef=entropy_coef, kl_clamp=kl_clamp,
-                       temperature=temperature, **loss_kwargs)
+                       ref_logp=ref_log_probs if kl_coef else None, num_items_in_batch=n,
+                       config=config, **loss_kwargs)

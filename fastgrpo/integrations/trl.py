@@ -17,7 +17,7 @@ completion positions' hidden states and ``lm_head.weight`` into the loss, with T
 mapped one to one:
 
 ==================================  =====================================================
-TRL (``GRPOConfig``)                fastgrpo ``grpo_loss``
+TRL (``GRPOConfig``)                fastgrpo ``LossConfig`` / ``grpo_loss``
 ==================================  =====================================================
 ``loss_type`` (all of TRL 1.16's:   ``loss_type`` (same name), ``num_items_in_batch`` =
 grpo/bnpo/dr_grpo/dapo/cispo/sapo/  TRL's normalizer x gradient-accumulation steps
@@ -78,6 +78,7 @@ import torch
 
 from fastgrpo.hf import backbone_output, lm_head_weight, unwrap_model
 from fastgrpo.ops.loss import LOSS_TYPES, grpo_loss
+from fastgrpo.ops.loss_config import LossConfig
 
 __all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "check_supported", "SUPPORTED_LOSS_TYPES"]
 
@@ -181,6 +182,52 @@ class _FastGRPOMixin:
         elif hidden.dtype != weight.dtype:                    # autocast: matmuls in its dtype
             weight = weight.to(hidden.dtype)
 
+        advantages, vespo_log_w = self._fastgrpo_advantages(inputs, mask)
+        mode = "train" if self.model.training else "eval"
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        num_items = self._fastgrpo_num_items(inputs, mask, mode, ga)
+        bonus = getattr(self, "_entropy_bonus_enabled", bool(getattr(self, "entropy_coef", 0.0)))
+        entropy_coef = float(self.entropy_coef) if bonus else 0.0
+        adaptive = getattr(self, "use_adaptive_entropy", False)
+        if adaptive and not self._last_world_entropy <= self.args.entropy_target:
+            entropy_coef = 0.0   # TRL: the coefficient applies only at or below the target
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, metrics = grpo_loss(
+                hidden, weight, completion_ids, advantages, completion_mask=mask,
+                old_logp=inputs.get("old_per_token_logps"),
+                ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+                num_items_in_batch=num_items, vespo_seq_log_weight=vespo_log_w,
+                gather_entropies=self._fastgrpo_gather_entropies,
+                sampling_logp=inputs.get("sampling_per_token_logps"),
+                config=self._fastgrpo_loss_config(entropy_coef, ga))
+        per_seq = inputs["advantages"].dim() == 1 or inputs["advantages"].size(1) == 1
+        self._fastgrpo_log(mode, metrics, mask.size(0) if per_seq else None, ga, bonus)
+        if adaptive and mode == "train":
+            self._fastgrpo_adapt_entropy(metrics)
+        if bonus and mode == "train" and self.accelerator.sync_gradients and adaptive:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)   # after the update
+        return loss
+
+    def _fastgrpo_loss_config(self, entropy_coef: float, ga: int) -> LossConfig:
+        """The ``GRPOConfig`` (as the trainer resolved it) -> ``LossConfig`` mapping (the table in
+        the module docstring)."""
+        args = self.args
+        return LossConfig(
+            loss_type=self.loss_type, beta=float(self.beta), epsilon_low=float(self.epsilon_low),
+            epsilon_high=float(self.epsilon_high), delta=args.delta,
+            temperature=float(self.temperature), entropy_coef=entropy_coef,
+            entropy_mean_divisor=float(ga), importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+            top_entropy_quantile=float(self.top_entropy_quantile),
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            bias_correction_kl=bool(args.use_bias_correction_kl), backend=self.fastgrpo_backend)
+
+    def _fastgrpo_advantages(self, inputs, mask):
+        """Per-sequence or per-token advantages (vLLM's IS ratios folded in) and VESPO's
+        per-sequence log weight."""
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
@@ -198,9 +245,11 @@ class _FastGRPOMixin:
             advantages = torch.where(mask.bool(), advantages * w, torch.zeros_like(advantages * w))
         elif advantages.size(1) == 1:
             advantages = advantages.squeeze(1)
+        return advantages, vespo_log_w
 
-        mode = "train" if self.model.training else "eval"
-        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+    def _fastgrpo_num_items(self, inputs, mask, mode: str, ga: int) -> float:
+        """TRL's loss normalizer of this micro-batch, by loss type."""
+        lt = self.loss_type
         n_tokens = mask.sum().clamp(min=1.0).float()
         if lt in ("grpo", "sapo", "luspo"):
             num_items = mask.size(0) * ga
@@ -212,45 +261,7 @@ class _FastGRPOMixin:
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * ga / self.args.steps_per_generation
-        num_items = float(num_items)
-
-        bonus = getattr(self, "_entropy_bonus_enabled", bool(getattr(self, "entropy_coef", 0.0)))
-        entropy_coef = float(self.entropy_coef) if bonus else 0.0
-        adaptive = getattr(self, "use_adaptive_entropy", False)
-        if adaptive and not self._last_world_entropy <= self.args.entropy_target:
-            entropy_coef = 0.0   # TRL: the coefficient applies only at or below the target
-        args = self.args
-        device_type = hidden.device.type
-        with torch.autocast(device_type, enabled=False):
-            loss, metrics = grpo_loss(
-                hidden, weight, completion_ids, advantages, completion_mask=mask,
-                old_logp=inputs.get("old_per_token_logps"),
-                ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-                beta=float(self.beta), epsilon_low=float(self.epsilon_low),
-                epsilon_high=float(self.epsilon_high), delta=args.delta,
-                temperature=float(self.temperature), entropy_coef=entropy_coef,
-                entropy_mean_divisor=float(ga),
-                importance_sampling_level=self.importance_sampling_level,
-                loss_type=lt, num_items_in_batch=num_items,
-                max_completion_length=self.max_completion_length,
-                sapo_temperature_pos=args.sapo_temperature_pos,
-                sapo_temperature_neg=args.sapo_temperature_neg,
-                vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
-                vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
-                vespo_seq_log_weight=vespo_log_w,
-                top_entropy_quantile=float(self.top_entropy_quantile),
-                gather_entropies=self._fastgrpo_gather_entropies,
-                off_policy_mask_threshold=self.off_policy_mask_threshold,
-                sampling_logp=inputs.get("sampling_per_token_logps"),
-                bias_correction_kl=bool(args.use_bias_correction_kl),
-                backend=self.fastgrpo_backend)
-        per_seq = inputs["advantages"].dim() == 1 or inputs["advantages"].size(1) == 1
-        self._fastgrpo_log(mode, metrics, mask.size(0) if per_seq else None, ga, bonus)
-        if adaptive and mode == "train":
-            self._fastgrpo_adapt_entropy(metrics)
-        if bonus and mode == "train" and self.accelerator.sync_gradients and adaptive:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)   # after the update
-        return loss
+        return float(num_items)
 
     def _fastgrpo_adapt_entropy(self, metrics):
         """TRL's adaptive entropy controller: window-global mean entropy of the bonus's tokens

@@ -4,5 +4,7 @@ the clipped GRPO-family objective, group advantages.  They know tensors only."""
 from fastgrpo.ops.advantages import group_advantages, process_advantages
 from fastgrpo.ops.logprobs import fused_logprobs
 from fastgrpo.ops.loss import FusedGRPOLoss, grpo_loss
+from fastgrpo.ops.loss_config import LossConfig
 
-__all__ = ["fused_logprobs", "grpo_loss", "FusedGRPOLoss", "group_advantages", "process_advantages"]
+__all__ = ["fused_logprobs", "grpo_loss", "FusedGRPOLoss", "LossConfig", "group_advantages",
+           "process_advantages"]

@@ -59,25 +59,28 @@ is O(N) elementwise work, written in plain torch rather than inside a kernel epi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from fastgrpo.ops.logprobs import (linear_backward, linear_forward, linear_one_pass,
-                                  one_pass_pays, resolve_backend, validate_inputs)
+from fastgrpo.ops.advantages import group_index
+from fastgrpo.ops.blocks import (linear_backward, linear_forward, linear_one_pass, one_pass_pays,
+                                 resolve_backend, validate_inputs)
+from fastgrpo.ops.loss_config import IS_LEVELS, LOSS_TYPES, LossConfig, LossConfigError
 from fastgrpo.ops.sharded import full_weight, is_dtensor, sharded_grad
+from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_parallel_logprobs, vocab_range
 
-__all__ = ["grpo_loss", "FusedGRPOLoss", "LOSS_TYPES", "IS_LEVELS", "NORMALIZERS"]
+__all__ = ["grpo_loss", "FusedGRPOLoss", "LossConfig", "LossConfigError", "LOSS_TYPES", "IS_LEVELS",
+           "NORMALIZERS"]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # what each loss type's ``num_items_in_batch`` counts (the table in the module docstring):
 # sequences, tokens of the global batch, tokens of this rank's batch, sequences x max length
 NORMALIZERS = {"grpo": "sequences", "sapo": "sequences", "luspo": "sequences",
                "dapo": "tokens", "cispo": "tokens", "vespo": "tokens",
                "bnpo": "local_tokens", "dr_grpo": "sequences_x_length"}
-IS_LEVELS = ("token", "sequence")
 
 
 # ----------------------------------------------------------------------------- layout
@@ -458,26 +461,35 @@ class _OnePassGRPO(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public API
 
 
+def _objective(cfg: LossConfig, tok, device, num_items_in_batch, group_ids, vespo_seq_log_weight,
+               gather_entropies) -> "_Objective":
+    """The objective of one call: ``cfg``'s options and this call's per-sequence inputs."""
+    egsw = None
+    if cfg.egsw_alpha is not None:
+        group = group_index(tok.n_seq, cfg.group_size, group_ids, device)
+        egsw = (float(cfg.egsw_alpha), float(cfg.egsw_temperature), group)
+    opt = lambda x: None if x is None else float(x)  # noqa: E731
+    return _Objective(tok, cfg.loss_type, float(cfg.beta), float(cfg.epsilon_low), float(cfg.clip_high),
+                      cfg.delta, float(cfg.entropy_coef), cfg.importance_sampling_level,
+                      opt(num_items_in_batch), cfg.max_completion_length, egsw, opt(cfg.kl_clamp),
+                      opt(cfg.kl_entropy_normalizer),
+                      sapo_temperatures=(float(cfg.sapo_temperature_pos), float(cfg.sapo_temperature_neg)),
+                      vespo_params=(float(cfg.vespo_k_pos), float(cfg.vespo_lambda_pos),
+                                    float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg)),
+                      vespo_seq_log_weight=None if vespo_seq_log_weight is None else
+                      torch.as_tensor(vespo_seq_log_weight, device=device).float().reshape(tok.n_seq),
+                      top_entropy_quantile=float(cfg.top_entropy_quantile),
+                      gather_entropies=gather_entropies,
+                      off_policy_mask_threshold=opt(cfg.off_policy_mask_threshold),
+                      bias_correction_kl=bool(cfg.bias_correction_kl),
+                      entropy_mean_divisor=opt(cfg.entropy_mean_divisor))
+
+
 def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-              advantages, *, completion_mask=None, cu_seqlens=None,
-              old_logp=None, ref_logp=None, beta: float = 0.0,
-              epsilon_low: float = 0.2, epsilon_high: float | None = None,
-              delta: float | None = None, temperature: float = 1.0,
-              entropy_coef: float = 0.0, importance_sampling_level: str = "token",
-              loss_type: str = "grpo", num_items_in_batch: float | None = None,
-              max_completion_length: int | None = None,
-              egsw_alpha: float | None = None, egsw_temperature: float = 1.0,
-              group_size: int | None = None, group_ids=None,
-              kl_clamp: float | None = None, kl_entropy_normalizer: float | None = None,
-              sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
-              vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-              vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
-              vespo_seq_log_weight=None, top_entropy_quantile: float = 1.0,
-              gather_entropies=None, off_policy_mask_threshold: float | None = None,
-              sampling_logp=None, bias_correction_kl: bool = False,
-              entropy_mean_divisor: float | None = None,
-              ignore_index: int = -100, backend: str = "auto", one_pass: bool | None = None,
-              vocab_parallel_group=None):
+              advantages, *, completion_mask=None, cu_seqlens=None, old_logp=None, ref_logp=None,
+              num_items_in_batch: float | None = None, group_ids=None, vespo_seq_log_weight=None,
+              gather_entropies=None, sampling_logp=None, vocab_parallel_group=None,
+              config: LossConfig | None = None, **options):
     """Clipped StepGRPO/GRPO policy loss straight from hidden states.
 
     Layouts:
@@ -490,47 +502,18 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         advantages: per sequence ``[B]`` / ``[S]``, or per token (shaped like ``targets``).
         old_logp: behaviour-policy log-probs, per token; absent = on-policy (ratio 1).
         ref_logp: reference log-probs, per token, for the k3 KL (``beta`` > 0 needs it).
-        epsilon_low / epsilon_high: clip range ``[1 - eps_low, 1 + eps_high]``
-            (``epsilon_high`` defaults to ``epsilon_low``); for ``cispo`` ``epsilon_high`` is the
-            cap ``eps_max`` on the IS weight itself (TRL's meaning; ScaleRL uses 5.0).
-        delta: dual-clip bound, caps the unclipped ratio (for negative advantages).
-        entropy_coef: weight of an entropy bonus (its gradient included).
-        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
-        loss_type: ``grpo`` (sequence mean, then mean: the published StepGRPO), ``bnpo``,
-            ``dapo``, ``dr_grpo``, ``luspo``, or TRL's ``cispo``, ``sapo``, ``vespo`` objectives
-            (see the module docstring for the formulas and normalizers).
+        config: a ``LossConfig``, every option of the objective (loss type, clip range, KL,
+            entropy, temperature, backend, ...: its docstring lists them); keyword ``options``
+            build one (``grpo_loss(..., loss_type="dapo")``) or, with ``config``, override its
+            fields.
         num_items_in_batch: the whole batch's normalizer, for gradient accumulation.
-        max_completion_length: ``dr_grpo``'s constant (unless ``num_items_in_batch`` is given).
-        egsw_alpha / egsw_temperature: entropy-guided sequence weighting; needs
-            ``group_size`` or ``group_ids`` (per sequence).
-        kl_clamp: caps the k3 KL per token at this value (no gradient where capped), as
-            verl's ``low_var_kl`` and OpenRLHF's ``k3`` do with 10; ``None`` = no cap.
-        kl_entropy_normalizer: when given, the KL and entropy terms are a token sum divided
-            by this number (a token mean, as OpenRLHF aggregates them) instead of sharing the
-            policy term's ``loss_type`` weights; EGSW weights then scale the policy term only.
-        sapo_temperature_pos / sapo_temperature_neg: SAPO's gate temperatures for A > 0 / A <= 0.
-        vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg: VESPO's gamma-weight
-            parameters for A >= 0 / A < 0.
+        group_ids: per sequence, for EGSW (else ``config.group_size``).
         vespo_seq_log_weight: per sequence, added to VESPO's log IS weight (TRL: the summed log
             of vLLM's token IS ratios).
-        top_entropy_quantile: keep the policy term (and entropy bonus) only on tokens whose
-            entropy is >= the ``1 - top_entropy_quantile`` quantile of the batch's completion
-            entropies; ``gather_entropies`` maps this call's ``[M]`` entropies to every rank's
-            (for a threshold over all processes, as TRL computes it).
-        off_policy_mask_threshold: drop the policy term of sequences with A < 0 whose mean
-            ``sampling_logp - logp`` (NaN counts 0; default ``old_logp``) exceeds it.
-        bias_correction_kl: multiply the k3 KL by the (undetached) IS ratio (TRL's default).
-        entropy_mean_divisor: when given, the entropy bonus is ``entropy_coef`` times the token
-            mean of H over the kept tokens, divided by this number (TRL: the accumulation
-            steps), whatever the loss type.  Not with ``kl_entropy_normalizer``.
-        one_pass: compute the loss and its gradients in one walk over the logits (three
-            GEMMs, no recompute in backward) when the objective is token-local (token-level
-            ratio; no EGSW, entropy quantile, off-policy mask or VESPO: those couple tokens
-            and keep the two-pass path).  ``None``: on for the torch backend on CPU, where it
-            measures faster, except bf16 through the native kernels (a recomputed bf16 logits
-            GEMM costs less than storing and re-reading fp32 logits there: bench/results);
-            ``False`` forces the two-pass path.  An FSDP2-sharded (DTensor) ``weight`` takes
-            the two-pass path, gathered in forward and again in backward.
+        gather_entropies: maps this call's ``[M]`` entropies to every rank's (the entropy
+            quantile's threshold over all processes, as TRL computes it).
+        sampling_logp: the sampler's log-probs, per token (the off-policy mask's reference;
+            default ``old_logp``).
         vocab_parallel_group: the vocabulary is split over this process group: ``weight`` is
             this rank's rows, ``hidden`` and everything else the same on every rank, targets
             global ids (``fused_logprobs``'s argument; always the two-pass path).
@@ -544,54 +527,17 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         bonus), ``entropy_kept_sum`` and ``num_kept`` (the bonus's tokens),
         ``cispo_clip_ratio`` (cispo) and ``vespo/phi_seq_mean`` (vespo).
     """
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got "
-                         f"{importance_sampling_level!r}")
-    for name, val in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high),
-                      ("beta", beta)):
-        if not (isinstance(val, (int, float)) and math.isfinite(val) and val >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
-    if epsilon_low >= 1:
-        raise ValueError(f"epsilon_low must be < 1 (the ratio's lower bound 1 - epsilon_low "
-                         f"must stay positive), got {epsilon_low!r}")
-    if delta is not None and not delta > 1:
-        raise ValueError(f"delta (dual-clip bound) must be > 1, got {delta!r}")
-    if not math.isfinite(entropy_coef):
-        raise ValueError(f"entropy_coef must be finite, got {entropy_coef!r}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError(f"beta={beta} needs ref_logp (reference log-probs) for the KL term")
+    cfg = LossConfig(**options) if config is None else config.replace(**options)
+    if cfg.beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={cfg.beta} needs ref_logp (reference log-probs) for the KL term")
     if num_items_in_batch is not None and not float(num_items_in_batch) > 0:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
-    if loss_type == "dr_grpo" and num_items_in_batch is None:
-        if not (isinstance(max_completion_length, int) and max_completion_length > 0):
-            raise ValueError(f"loss_type='dr_grpo' needs max_completion_length (a positive int) "
-                             f"or num_items_in_batch, got {max_completion_length!r}")
-    if egsw_alpha is not None and not egsw_temperature > 0:
-        raise ValueError(f"egsw_temperature must be > 0, got {egsw_temperature!r}")
-    if kl_clamp is not None and not (math.isfinite(kl_clamp) and kl_clamp > 0):
-        raise ValueError(f"kl_clamp must be a finite number > 0, got {kl_clamp!r}")
-    if kl_entropy_normalizer is not None and not float(kl_entropy_normalizer) > 0:
-        raise ValueError(f"kl_entropy_normalizer must be > 0, got {kl_entropy_normalizer!r}")
-    if entropy_mean_divisor is not None:
-        if not float(entropy_mean_divisor) > 0:
-            raise ValueError(f"entropy_mean_divisor must be > 0, got {entropy_mean_divisor!r}")
-        if kl_entropy_normalizer is not None:
-            raise ValueError("pass entropy_mean_divisor or kl_entropy_normalizer, not both")
-    if loss_type == "cispo" and not epsilon_high > 0:
-        raise ValueError(f"loss_type='cispo' caps the IS weight at epsilon_high, which must be "
-                         f"> 0, got {epsilon_high!r}")
-    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
-        raise ValueError(f"sapo temperatures must be > 0, got {sapo_temperature_pos!r}, "
-                         f"{sapo_temperature_neg!r}")
-    if not 0 <= top_entropy_quantile <= 1:
-        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile!r}")
-
+    if cfg.loss_type == "dr_grpo" and num_items_in_batch is None and cfg.max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int) "
+                         "or num_items_in_batch, got None")
+    temperature, backend, ignore_index = cfg.temperature, cfg.backend, cfg.ignore_index
     vocab = start = None
     if vocab_parallel_group is not None:
-        from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_range
         check_vocab_parallel(weight, backend)
         start, _, vocab = vocab_range(weight, vocab_parallel_group)
     validate_inputs(hidden, weight, targets, temperature, ignore_index, backend, vocab)
@@ -600,32 +546,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         backend = "torch"  # the reference is a test oracle for fused_logprobs only
     h, y, tok = _flatten(hidden, targets, advantages, completion_mask, cu_seqlens,
                          old_logp, ref_logp, ignore_index, sampling_logp)
-    egsw = None
-    if egsw_alpha is not None:
-        from fastgrpo.ops.advantages import group_index
-        group = group_index(tok.n_seq, group_size, group_ids, h.device)
-        egsw = (float(egsw_alpha), float(egsw_temperature), group)
-    objective = _Objective(tok, loss_type, float(beta), float(epsilon_low), float(epsilon_high),
-                           delta, float(entropy_coef), importance_sampling_level,
-                           None if num_items_in_batch is None else float(num_items_in_batch),
-                           max_completion_length, egsw,
-                           None if kl_clamp is None else float(kl_clamp),
-                           None if kl_entropy_normalizer is None
-                           else float(kl_entropy_normalizer),
-                           sapo_temperatures=(float(sapo_temperature_pos),
-                                              float(sapo_temperature_neg)),
-                           vespo_params=(float(vespo_k_pos), float(vespo_lambda_pos),
-                                         float(vespo_k_neg), float(vespo_lambda_neg)),
-                           vespo_seq_log_weight=None if vespo_seq_log_weight is None else
-                           torch.as_tensor(vespo_seq_log_weight, device=h.device).float()
-                           .reshape(tok.n_seq),
-                           top_entropy_quantile=float(top_entropy_quantile),
-                           gather_entropies=gather_entropies,
-                           off_policy_mask_threshold=None if off_policy_mask_threshold is None
-                           else float(off_policy_mask_threshold),
-                           bias_correction_kl=bool(bias_correction_kl),
-                           entropy_mean_divisor=None if entropy_mean_divisor is None
-                           else float(entropy_mean_divisor))
+    objective = _objective(cfg, tok, h.device, num_items_in_batch, group_ids, vespo_seq_log_weight,
+                           gather_entropies)
     # completion rows only (padding and prompts cost no FLOPs); no copy when all rows count
     h_tok = h if tok.rows.numel() == h.shape[0] else h.index_select(0, tok.rows)
     h_tok = h_tok if h_tok.stride(-1) == 1 else h_tok.contiguous()
@@ -633,10 +555,10 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     y_tok = y[tok.rows].long()
     need_h = torch.is_grad_enabled() and h_tok.requires_grad
     need_w = torch.is_grad_enabled() and w.requires_grad
+    one_pass = cfg.one_pass
     if one_pass is None:   # the CPU default (measured faster: bench/); two passes on CUDA
         one_pass = backend == "torch" and not h.is_cuda and one_pass_pays(h)
     if vocab_parallel_group is not None:   # the objective on the gathered [M] statistics
-        from fastgrpo.ops.vocab_parallel import vocab_parallel_logprobs
         logp, ent = vocab_parallel_logprobs(h_tok, w, y_tok, 1.0 / float(temperature), backend,
                                             vocab_parallel_group, start)
         loss = objective(logp, ent)
@@ -649,32 +571,25 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 
 class FusedGRPOLoss(nn.Module):
-    """``grpo_loss`` holding its hyper-parameters.
+    """``grpo_loss`` holding its options (a ``LossConfig``).
 
     ``FusedGRPOLoss(beta=0.04, loss_type="grpo")(hidden, lm_head.weight, targets, advantages,
-    cu_seqlens=cu, ref_logp=ref)`` returns ``(loss, metrics)``.  Per-call keyword arguments
-    override the stored ones.
+    cu_seqlens=cu, ref_logp=ref)`` returns ``(loss, metrics)``; ``FusedGRPOLoss(config)`` takes
+    a ``LossConfig``.  Per-call keyword arguments override the stored options.
     """
 
-    def __init__(self, *, beta: float = 0.0, epsilon_low: float = 0.2,
-                 epsilon_high: float | None = None, delta: float | None = None,
-                 temperature: float = 1.0, entropy_coef: float = 0.0,
-                 importance_sampling_level: str = "token", loss_type: str = "grpo",
-                 max_completion_length: int | None = None, egsw_alpha: float | None = None,
-                 egsw_temperature: float = 1.0, ignore_index: int = -100,
-                 backend: str = "auto"):
+    def __init__(self, config: LossConfig | None = None, **options):
         super().__init__()
-        self.options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                            delta=delta, temperature=temperature, entropy_coef=entropy_coef,
-                            importance_sampling_level=importance_sampling_level,
-                            loss_type=loss_type, max_completion_length=max_completion_length,
-                            egsw_alpha=egsw_alpha, egsw_temperature=egsw_temperature,
-                            ignore_index=ignore_index, backend=backend)
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        self.config = LossConfig(**options) if config is None else config.replace(**options)
+
+    @property
+    def options(self) -> dict:
+        return dataclasses.asdict(self.config)
 
     def forward(self, hidden, weight, targets, advantages, **kwargs):
-        return grpo_loss(hidden, weight, targets, advantages, **{**self.options, **kwargs})
+        return grpo_loss(hidden, weight, targets, advantages, config=self.config, **kwargs)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+        default = LossConfig()
+        return ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(LossConfig)
+                         if getattr(self.config, f.name) != getattr(default, f.name))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastgrpo.ops.logprobs import linear_backward, linear_forward
+from fastgrpo.ops.blocks import linear_backward, linear_forward
 
 __all__ = ["vocab_parallel_logprobs", "vocab_range", "check_vocab_parallel"]
 

@@ -40,7 +40,7 @@ import re
 import threading
 from typing import Any, Sequence
 
-from .functions import _col, completion_text
+from .completions import _col, completion_text
 from .steps import coerce_key_steps
 
 __all__ = [

@@ -13,13 +13,11 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from fastgrpo.tasks.formats import DataError, read_records
+
 __all__ = ["DataError", "read_jsonl", "load_jsonl", "write_jsonl", "check_prompt", "ROLES"]
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file (and line)."""
 
 
 def check_prompt(where: str, prompt, chat: bool = True):
@@ -78,7 +76,6 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ("prompt",), *
     the file exists, is UTF-8, each record is an object holding the ``required`` fields (after
     renaming ``columns``: field -> the file's column) and a ``prompt`` (a string; with ``chat``
     also a list of messages), and there is at least one."""
-    from fastgrpo.tasks.formats import read_records
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file not found: {str(p)!r}")

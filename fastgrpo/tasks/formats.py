@@ -23,14 +23,17 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["read_records", "file_format", "DATASETS_INSTALL"]
+__all__ = ["read_records", "file_format", "DataError", "DATASETS_INSTALL"]
 
 DATASETS_INSTALL = "pip install 'fastgrpo[data]'  (or: pip install 'datasets>=5.2,<6')"
 _TABLES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file (and line)."""
+
+
 def _error(msg: str):
-    from fastgrpo.tasks.data import DataError
     return DataError(msg)
 
 

@@ -9,7 +9,7 @@ import torch
 
 __all__ = ["tiny_config", "build_tiny_model", "WARMUP_DIR"]
 
-WARMUP_DIR = Path(__file__).resolve().parent / "assets" / "warmup"
+WARMUP_DIR = Path(__file__).resolve().parent / "arithmetic" / "checkpoint"  # the default --model
 
 
 def tiny_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,

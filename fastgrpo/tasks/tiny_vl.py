@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fastgrpo.tasks.arithmetic.tokenizer import build_tokenizer
+
 __all__ = ["FAMILIES", "build_tiny_vl", "save_tiny_vl", "tiny_vl_tokenizer", "random_image"]
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
@@ -24,8 +26,6 @@ _LLAVA_TOKENS = ["<image>"]
 
 def tiny_vl_tokenizer(family: str, extra_texts: list[str] | None = None):
     """The built-in word-level tokenizer plus ``family``'s image tokens (special tokens)."""
-    from fastgrpo.tasks.tokenizer import build_tokenizer
-
     tok = build_tokenizer(extra_texts)
     extra = _LLAVA_TOKENS if family == "llava" else _QWEN_TOKENS
     tok.add_tokens(extra, special_tokens=True)

@@ -1,4 +1,6 @@
-"""A small word-level tokenizer for the built-in task, built offline with ``tokenizers``.
+"""The small word-level tokenizers of the built-in tasks, built offline with ``tokenizers``
+(``fastgrpo.tasks.arithmetic.build_tokenizer`` builds the arithmetic task's), and
+:func:`encode_prompt`.
 
 Pre-tokenization splits text into ``###``, words, single digits, single symbols, newlines and
 runs of spaces; a word, digit or symbol keeps the one space before it (`` Step``, `` 1``,
@@ -14,11 +16,9 @@ digit per token.  Special tokens: ``<s>`` (bos), ``</s>`` (eos), ``<pad>``, ``<u
 
 from __future__ import annotations
 
-import string
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-__all__ = ["build_tokenizer", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "encode_prompt"]
+__all__ = ["word_level_tokenizer", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "encode_prompt"]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -36,27 +36,14 @@ def _pre_tokenizer():
     return pre_tokenizers.Split(_SPLIT, behavior="isolated")
 
 
-def _corpus() -> list[str]:
-    from fastgrpo.tasks.arithmetic import ITEMS, NAMES, make_splits
-
-    train, evals = make_splits(seed=12345, n_train=3000, n_eval=10)
-    texts = [r["prompt"] + "\n" + r["solution"] for r in train + evals]
-    texts += [" ".join(g) for r in train[:200] for g in r["key_steps"]]
-    words = [n for n, _ in NAMES] + [p for _, p in NAMES] + ITEMS
-    words += ["He", "She", "The", "Then", "Step", "answer", "final", "is", "Rationales"]
-    texts += [" " + " ".join(words), " ".join(words)]
-    texts += [" ".join(string.digits), string.digits]
-    texts += [" ".join(string.punctuation), string.punctuation, "\n\n  "]
-    return texts
-
-
-def build_tokenizer(extra_texts: list[str] | None = None):
-    """A ``PreTrainedTokenizerFast`` whose vocabulary covers the built-in task (+ ``extra_texts``)."""
+def word_level_tokenizer(texts):
+    """A ``PreTrainedTokenizerFast`` whose word-level vocabulary covers ``texts`` (ids in order
+    of first appearance, after the special tokens); the chat template above."""
     from transformers import PreTrainedTokenizerFast
 
     pre = _pre_tokenizer()
     vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for text in _corpus() + list(extra_texts or []):
+    for text in texts:
         for piece, _ in pre.pre_tokenize_str(text):
             if piece not in vocab:
                 vocab[piece] = len(vocab)
@@ -82,3 +69,16 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def __getattr__(name: str):
+    """Deprecated (one release): ``fastgrpo.tasks.tokenizer.build_tokenizer`` moved to
+    ``fastgrpo.tasks.arithmetic.build_tokenizer`` (the arithmetic task's vocabulary).  Resolved
+    when first asked for, so this toolkit module never imports a task."""
+    if name == "build_tokenizer":
+        import importlib
+        import warnings
+        warnings.warn("fastgrpo.tasks.tokenizer.build_tokenizer moved to "
+                      "fastgrpo.tasks.arithmetic.build_tokenizer", DeprecationWarning, stacklevel=2)
+        return importlib.import_module("fastgrpo.tasks.arithmetic.tokenizer").build_tokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

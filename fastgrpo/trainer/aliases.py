@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 
+from fastgrpo.trainer.errors import ConfigError
+
 __all__ = ["ALIASES", "REFUSED", "translate_key", "translate_argv"]
 
 
@@ -85,7 +87,6 @@ def _refusal(key: str, name: str) -> str:
 def translate_key(key: str, value, fields, where: str = ""):
     """``(field, value)`` for a config-file key (a field name, in - or _ spelling, or a TRL
     alias); ``ConfigError`` for a refused or unknown key, naming the option to use."""
-    from fastgrpo.trainer.config import ConfigError
     name = key.replace("-", "_")
     prefix = f"{where}: " if where else ""
     if name in ALIASES:
@@ -104,7 +105,6 @@ def translate_argv(argv: list[str], fields) -> list[str]:
     ``--group-size 8``; ``--use-vllm`` -> ``--rollout vllm``); ``ConfigError`` for a refused
     TRL flag, and for an unknown flag that is no abbreviation of a known one (with the
     nearest option)."""
-    from fastgrpo.trainer.config import ConfigError
     known = {"--" + f.replace("_", "-") for f in fields}
     known |= {"--no-" + f.replace("_", "-") for f in fields} | {"--config", "--help"}
     out: list[str] = []

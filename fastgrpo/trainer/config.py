@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
+import pkgutil
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fastgrpo.tasks
 from fastgrpo.ops.advantages import SCALES
 from fastgrpo.ops.logprobs import BACKENDS
-from fastgrpo.ops.loss import IS_LEVELS, LOSS_TYPES
-from fastgrpo.tasks.arithmetic import MAX_NEW_TOKENS
+from fastgrpo.ops.loss_config import LossConfig, LossConfigError
+from fastgrpo.rewards import RewardError, reward_set_from_spec
+from fastgrpo.trainer.aliases import translate_argv, translate_key
 from fastgrpo.trainer.attention import ALIASES as ATTENTION_ALIASES
 from fastgrpo.trainer.attention import BACKENDS as ATTENTION_BACKENDS
+from fastgrpo.trainer.errors import ConfigError
+from fastgrpo.trainer.presets import PRESETS
+from fastgrpo.trainer.prompting import LAYOUT_NAMES
 
 __all__ = ["TrainConfig", "parse_args", "ConfigError", "load_config_file", "explicit_fields",
-           "report_targets"]
+           "report_targets", "builtin_tasks"]
 
 DP_STRATEGIES = ("auto", "ddp", "fsdp")
 LORA_TARGET = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -33,12 +40,15 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 # --report-to target -> (module that must be importable, how to install it)
 REPORT_NEEDS = {"tensorboard": ("tensorboard", "pip install tensorboard"),
                 "wandb": ("wandb", "pip install 'fastgrpo[wandb]'")}
-TASKS = ("arithmetic", "routing", "charts")
+MAX_NEW_TOKENS = 96  # the built-in arithmetic task's completion budget (its longest solution: 78)
+
+
+def builtin_tasks() -> tuple[str, ...]:
+    """The built-in task names: the packages under ``fastgrpo/tasks/`` (none is imported)."""
+    return tuple(m.name for m in pkgutil.iter_modules(fastgrpo.tasks.__path__) if m.ispkg)
+
+
 ROLLOUT_MODES = ("offline", "online")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value (the message names the option and value)."""
 
 
 def report_targets(report_to: str) -> tuple[str, ...]:
@@ -59,7 +69,8 @@ class TrainConfig:
     task: str = _f("arithmetic", "the task: arithmetic (StepGRPO, the built-in word problems or a prompt/answer/"
                                  "key_steps JSONL) | routing (R1-Router's Step-GRPO: step states with a "
                                  "step_type each, or multi-turn retrieval with --rollout-mode online) | "
-                                 "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model)")
+                                 "charts (Pillow bar charts; the shipped tiny Qwen2-VL warm-up unless --model) | "
+                                 "module.path:TASK (a fastgrpo.trainer.task.Task of your own)")
     train_file: str = _f("", "train JSONL (rows with prompt, answer, key_steps); default: the built-in task")
     eval_file: str = _f("", "held-out JSONL for greedy eval (needs --train-file); default: the built-in task's eval split")
     out_dir: str = _f("runs/stepgrpo", "directory for metrics.jsonl, samples, plot and the final model")
@@ -195,12 +206,63 @@ class TrainConfig:
     stop: list = _f([], "stop a completion once its text contains this string (kept in it); repeatable")
 
     def validate(self) -> "TrainConfig":
-        def bad(name, why):
-            raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+        """Every option checked; ``ConfigError`` names the first bad one and its value."""
+        self._check_numbers()
+        self._check_choices()
+        self._check_loss()
+        self._check_combinations()
+        self._validate_format(self._bad)
+        self._check_rewards()
+        return self
+
+    def _bad(self, name: str, why: str):
+        raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+
+    def _check_numbers(self) -> None:
+        """Finite floats; the bounds of the counts, rates and sizes."""
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                bad(f.name, "must be a finite number")
+                self._bad(f.name, "must be a finite number")
+        for n in ("max_turns", "kb_top_k"):
+            if getattr(self, n) < 1:
+                self._bad(n, "must be >= 1")
+        if not self.lr > 0:
+            self._bad("lr", "must be > 0")
+        if self.group_size < 2:
+            self._bad("group_size", "must be >= 2 (group-relative advantages need at least two samples)")
+        for n in ("steps", "prompts_per_step", "ppo_epochs", "micro_batch_tokens",
+                  "max_new_tokens", "gen_batch_size"):
+            if getattr(self, n) < 1:
+                self._bad(n, "must be >= 1")
+        for n in ("warmup_steps", "eval_every", "sample_every", "threads", "save_every",
+                  "collapse_warn_steps", "eval_size", "top_k"):
+            if getattr(self, n) < 0:
+                self._bad(n, "must be >= 0")
+        if not self.temperature > 0:
+            self._bad("temperature", "must be > 0")
+        if not 0 < self.top_p <= 1:
+            self._bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            self._bad("min_lr_ratio", "must be in [0, 1]")
+        for n in ("weight_decay", "grad_clip", "beta", "epsilon_low", "epsilon_high", "entropy_coef"):
+            if getattr(self, n) < 0:
+                self._bad(n, "must be >= 0")
+        for n in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, n) < 1:
+                self._bad(n, "must be in [0, 1)")
+        for n in ("min_pixels", "max_pixels"):
+            if getattr(self, n) < 0:
+                self._bad(n, "must be >= 0 (0: the model's own setting)")
+        if self.lora_r < 0:
+            self._bad("lora_r", "must be >= 0 (0: no LoRA)")
+        if not 0 <= self.lora_dropout < 1:
+            self._bad("lora_dropout", "must be in [0, 1)")
+        if self.keep_last < 1:
+            self._bad("keep_last", "must be >= 1")
+
+    def _check_choices(self) -> None:
+        """Options that name one of a set (device, task, loggers, backends, preset)."""
         if self.device != "auto":
             import torch
             try:
@@ -208,92 +270,68 @@ class TrainConfig:
             except (RuntimeError, ValueError):
                 dev = None
             if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-                bad("device", "choose auto, cpu, cuda, cuda:N or mps")
-        if self.task not in TASKS:
-            bad("task", f"choose one of {', '.join(TASKS)}")
+                self._bad("device", "choose auto, cpu, cuda, cuda:N or mps")
+        if ":" not in self.task and self.task not in builtin_tasks():
+            self._bad("task", f"choose one of {', '.join(builtin_tasks())} or give module.path:TASK")
         if self.rollout_mode not in ROLLOUT_MODES:
-            bad("rollout_mode", f"choose one of {', '.join(ROLLOUT_MODES)}")
-        if self.rollout_mode == "online" and self.task != "routing":
-            bad("rollout_mode", "multi-turn tool rollouts need --task routing")
-        for n in ("max_turns", "kb_top_k"):
-            if getattr(self, n) < 1:
-                bad(n, "must be >= 1")
+            self._bad("rollout_mode", f"choose one of {', '.join(ROLLOUT_MODES)}")
         names = [x.strip() for x in self.report_to.split(",")]
         if any(x not in REPORT_TO for x in names) or ("none" in names and len(names) > 1):
-            bad("report_to", f"choose none or a comma-separated list of {', '.join(REPORT_TO[1:])}")
-        import importlib.util
+            self._bad("report_to", f"choose none or a comma-separated list of {', '.join(REPORT_TO[1:])}")
         for name in report_targets(self.report_to):
             module, install = REPORT_NEEDS[name]
             if importlib.util.find_spec(module) is None:
-                bad("report_to", f"needs the {module} package ({install})")
+                self._bad("report_to", f"needs the {module} package ({install})")
+        if self.scale_rewards not in SCALES:
+            self._bad("scale_rewards", f"choose one of {', '.join(SCALES)}")
+        if self.backend not in BACKENDS:
+            self._bad("backend", f"choose one of {', '.join(BACKENDS)}")
+        if self.dp_strategy not in DP_STRATEGIES:
+            self._bad("dp_strategy", f"choose one of {', '.join(DP_STRATEGIES)}")
+        if self.attn_implementation.lower() not in ATTENTION_ALIASES:
+            self._bad("attn_implementation", f"unknown attention backend; choose one of auto, "
+                                             f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.preset and self.preset not in PRESETS:
+            self._bad("preset", f"unknown preset; choose one of {', '.join(sorted(PRESETS))}")
+
+    def loss_config(self) -> LossConfig:
+        """The fused loss's options of this run (``grpo_loss(..., config=...)``)."""
+        return LossConfig(loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low,
+                          epsilon_high=self.epsilon_high or self.epsilon_low,
+                          temperature=self.temperature, entropy_coef=self.entropy_coef,
+                          importance_sampling_level=self.importance_sampling_level,
+                          backend=self.backend)
+
+    def _check_loss(self) -> None:
+        """The loss options, as ``LossConfig`` checks them, plus cispo's cap > 1."""
+        try:
+            self.loss_config()
+        except LossConfigError as e:
+            self._bad(e.option, e.why)
+        if self.loss_type == "cispo" and not self.epsilon_high > 1:
+            self._bad("epsilon_high", "cispo caps the importance weight at --epsilon-high itself (not "
+                                      "1 + eps); give a cap > 1, e.g. 5.0 as TRL's cispo default")
+
+    def _check_combinations(self) -> None:
+        """Options that depend on each other."""
+        if self.rollout_mode == "online" and self.task != "routing":
+            self._bad("rollout_mode", "multi-turn tool rollouts need --task routing")
         if self.eval_file and not self.train_file:
-            bad("eval_file", "needs --train-file too (the training rows; without it the run "
-                             "would train on the built-in task and evaluate on your file)")
+            self._bad("eval_file", "needs --train-file too (the training rows; without it the run "
+                                   "would train on the built-in task and evaluate on your file)")
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the run that --resume {self.resume!r} would "
                               f"continue; give one of them")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if self.group_size < 2:
-            bad("group_size", "must be >= 2 (group-relative advantages need at least two samples)")
-        for n in ("steps", "prompts_per_step", "ppo_epochs", "micro_batch_tokens",
-                  "max_new_tokens", "gen_batch_size"):
-            if getattr(self, n) < 1:
-                bad(n, "must be >= 1")
-        for n in ("warmup_steps", "eval_every", "sample_every", "threads", "save_every",
-                  "collapse_warn_steps", "eval_size", "top_k"):
-            if getattr(self, n) < 0:
-                bad(n, "must be >= 0")
-        if not self.temperature > 0:
-            bad("temperature", "must be > 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not 0 <= self.min_lr_ratio <= 1:
-            bad("min_lr_ratio", "must be in [0, 1]")
-        for n in ("weight_decay", "grad_clip", "beta", "epsilon_low", "epsilon_high", "entropy_coef"):
-            if getattr(self, n) < 0:
-                bad(n, "must be >= 0")
-        for n in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, n) < 1:
-                bad(n, "must be in [0, 1)")
-        if self.loss_type not in LOSS_TYPES:
-            bad("loss_type", f"unknown loss type; choose one of {', '.join(LOSS_TYPES)}")
-        if self.loss_type == "cispo" and not self.epsilon_high > 1:
-            bad("epsilon_high", "cispo caps the importance weight at --epsilon-high itself (not "
-                                "1 + eps); give a cap > 1, e.g. 5.0 as TRL's cispo default")
-        if self.scale_rewards not in SCALES:
-            bad("scale_rewards", f"choose one of {', '.join(SCALES)}")
-        if self.importance_sampling_level not in IS_LEVELS:
-            bad("importance_sampling_level", f"choose one of {', '.join(IS_LEVELS)}")
-        if self.backend not in BACKENDS:
-            bad("backend", f"choose one of {', '.join(BACKENDS)}")
-        for n in ("min_pixels", "max_pixels"):
-            if getattr(self, n) < 0:
-                bad(n, "must be >= 0 (0: the model's own setting)")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            bad("min_pixels", f"must be <= --max-pixels {self.max_pixels}")
-        if self.lora_r < 0:
-            bad("lora_r", "must be >= 0 (0: no LoRA)")
+            self._bad("min_pixels", f"must be <= --max-pixels {self.max_pixels}")
         if self.lora_r and not self.lora_alpha > 0:
-            bad("lora_alpha", "must be > 0")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", "must be in [0, 1)")
+            self._bad("lora_alpha", "must be > 0")
         if self.lora_r and not self.lora_target.replace(",", "").strip():
-            bad("lora_target", "names no module (give comma-separated module names, e.g. q_proj,v_proj)")
-        if self.keep_last < 1:
-            bad("keep_last", "must be >= 1")
-        self._validate_format(bad)
-        if self.dp_strategy not in DP_STRATEGIES:
-            bad("dp_strategy", f"choose one of {', '.join(DP_STRATEGIES)}")
-        if self.attn_implementation.lower() not in ATTENTION_ALIASES:
-            bad("attn_implementation", f"unknown attention backend; choose one of auto, "
-                                       f"{', '.join(ATTENTION_BACKENDS)}")
-        if self.preset:
-            from fastgrpo.trainer.presets import PRESETS
-            if self.preset not in PRESETS:
-                bad("preset", f"unknown preset; choose one of {', '.join(sorted(PRESETS))}")
+            self._bad("lora_target", "names no module (give comma-separated module names, e.g. q_proj,v_proj)")
+
+    def _check_rewards(self) -> None:
+        """``--rewards`` parses; each ``--reward`` is ``module:function[=weight]``."""
         if self.rewards:
-            from fastgrpo.rewards import RewardError, reward_set_from_spec
             try:
                 reward_set_from_spec(self.rewards)
             except RewardError as e:
@@ -306,12 +344,9 @@ class TrainConfig:
                     float(spec.split("=", 1)[1])
                 except ValueError:
                     raise ConfigError(f"invalid --reward {spec!r}: weight is not a number") from None
-        return self
-
 
     def _validate_format(self, bad) -> None:
         """The user-data, layout and sampling options (the section above)."""
-        from fastgrpo.trainer.prompting import LAYOUT_NAMES
         if self.layout and self.layout not in LAYOUT_NAMES:
             bad("layout", f"choose one of {', '.join(LAYOUT_NAMES)}")
         if self.system_prompt and self.system_prompt_file:
@@ -399,7 +434,6 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"{p}: expected a mapping of option names to values")
     if set(data) == {"train"} and isinstance(data["train"], dict):
         data = data["train"]
-    from fastgrpo.trainer.aliases import translate_key
     out = {}
     for k, v in data.items():
         name, v = translate_key(str(k), v, _FIELDS, where=str(p))
@@ -437,7 +471,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     Raises ``ConfigError`` for invalid values; argparse exits (code 2) on malformed flags.
     """
-    from fastgrpo.trainer.aliases import translate_argv
     ap = _build_parser()
     ns = ap.parse_args(translate_argv(sys.argv[1:] if argv is None else list(argv), _FIELDS))
     values = {}

@@ -118,13 +118,10 @@ class _MetricSums:
 
 def _loss(policy, mb: MicroBatch, cfg: TrainConfig, normalizer: float):
     hidden, weight = policy_hidden_states(policy, mb, bf16=cfg.bf16)
-    return grpo_loss(
-        hidden, weight, mb.targets, mb.advantages, cu_seqlens=mb.cu_seqlens,
-        old_logp=mb.extras.get("old_logp"), ref_logp=mb.extras.get("ref_logp"), beta=cfg.beta,
-        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high or cfg.epsilon_low,
-        temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_type=cfg.loss_type,
-        importance_sampling_level=cfg.importance_sampling_level, num_items_in_batch=normalizer,
-        ignore_index=mb.ignore_index, backend=cfg.backend)
+    return grpo_loss(hidden, weight, mb.targets, mb.advantages, cu_seqlens=mb.cu_seqlens,
+                     old_logp=mb.extras.get("old_logp"), ref_logp=mb.extras.get("ref_logp"),
+                     num_items_in_batch=normalizer, config=cfg.loss_config(),
+                     ignore_index=mb.ignore_index)
 
 
 def optimize(model, optimizer, batches: list[MicroBatch], cfg: TrainConfig, ref_model=None, *,

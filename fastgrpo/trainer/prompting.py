@@ -22,6 +22,7 @@ from fastgrpo.rewards import R1VL_LAYOUT, R1VL_MULTIMODAL_LAYOUT, TAG_LAYOUT
 from fastgrpo.rewards.free import FREE
 from fastgrpo.tasks.data import DataError
 from fastgrpo.tasks.tokenizer import encode_prompt
+from fastgrpo.trainer.errors import ConfigError
 
 __all__ = ["LAYOUT_NAMES", "LAYOUT_INSTRUCTIONS", "resolve_layout", "system_prompt",
            "make_encoder", "chat_messages"]
@@ -52,7 +53,6 @@ def resolve_layout(name: str, preset=None, vision: bool = False):
 def system_prompt(cfg, preset=None) -> str:
     """``--system-prompt``, the file ``--system-prompt-file`` names, the explicit ``--layout``'s
     instruction, or the preset's; "" for none."""
-    from fastgrpo.trainer.config import ConfigError
     if cfg.system_prompt_file:
         p = Path(cfg.system_prompt_file)
         try:

@@ -25,7 +25,7 @@ import torch
 
 from fastgrpo.trainer.sample import Sample
 
-__all__ = ["Rollout", "generate", "generate_reference", "make_samples"]
+__all__ = ["Rollout", "generate", "generate_reference", "make_samples", "new_cache", "cache_kwarg", "pick_token"]
 
 
 @dataclass
@@ -118,7 +118,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, group_size: int =
     return ro
 
 
-def _new_cache(model, capacity: int):
+def new_cache(model, capacity: int):
     """A ``DynamicCache`` whose layers write into buffers of ``capacity`` positions (appending a
     token then costs a write, not a copy of the whole cache as ``torch.cat`` does); a plain
     ``DynamicCache`` where its layers are not the plain dynamic kind (sliding windows...)."""
@@ -181,7 +181,7 @@ def _buffered_layer():
     return BufferedLayer
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """The forward's name for the KV cache (``cache`` in transformers 5.2x, formerly
     ``past_key_values``)."""
     params = inspect.signature(model.forward).parameters
@@ -228,7 +228,7 @@ class _Shaping:
         return done
 
 
-def _pick(logits: torch.Tensor, temperature: float | None, top_p: float,
+def pick_token(logits: torch.Tensor, temperature: float | None, top_p: float,
           shaping: _Shaping | None = None, seen: torch.Tensor | None = None):
     """Next tokens from float32 logits ``[B, V]`` and their log-probs at ``temperature``
     (greedy when ``temperature`` is None: the log-probs at temperature 1)."""
@@ -265,7 +265,7 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
     if vision is not None:  # images in the prefill; mrope positions [3, B, W]
         extra, pos = vision.prefill_inputs(model, prompts, inputs or [{}] * len(prompts), inp, att)
     padded = not bool(att.all())  # no padding: no mask at all (as model.generate does)
-    cache, key = _new_cache(model, width + max_new_tokens), _cache_kwarg(model)
+    cache, key = new_cache(model, width + max_new_tokens), cache_kwarg(model)
     out = model(input_ids=inp, attention_mask=att if padded else None, position_ids=pos,
                 use_cache=True, logits_to_keep=1, **{key: cache}, **extra)
     logits = out.logits[:, -1].float()
@@ -288,7 +288,7 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
         count.scatter_add_(1, inp.repeat_interleave(group_size, 0), att.int())  # att: n rows already
         seen = count > 0
     for t in range(max_new_tokens):
-        tok, lp = _pick(logits, temperature, top_p, shaping, None if seen is None else seen[alive])
+        tok, lp = pick_token(logits, temperature, top_p, shaping, None if seen is None else seen[alive])
         toks[alive, t], lps[alive, t] = tok, lp
         length[alive] = t + 1
         if seen is not None:

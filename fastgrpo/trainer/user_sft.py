@@ -37,6 +37,22 @@ from pathlib import Path
 
 import torch
 
+from fastgrpo.hf import lm_head_weight
+from fastgrpo.rewards import R1VL_LAYOUT, TAG_LAYOUT, RewardError
+from fastgrpo.rewards.answer import gold_answer
+from fastgrpo.rewards.functions import step_validity
+from fastgrpo.tasks.data import DataError, load_jsonl
+from fastgrpo.trainer.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
+                                         resolve_resume, save_checkpoint)
+from fastgrpo.trainer.config import ConfigError, TrainConfig
+from fastgrpo.trainer.evaluation import build_reward_set, evaluate
+from fastgrpo.trainer.learn import lr_at
+from fastgrpo.trainer.policy import apply_lora, load_model, save_lora
+from fastgrpo.trainer.presets import PRESETS
+from fastgrpo.trainer.prompting import make_encoder, resolve_layout, system_prompt
+from fastgrpo.trainer.prompts import PromptOrder
+from fastgrpo.trainer.supervised import sft_step
+
 __all__ = ["format_target", "main"]
 
 _CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
@@ -54,8 +70,6 @@ def _target_text(row: dict, column: str) -> str | None:
 
 def _in_layout(text: str, layout: str) -> bool:
     """Whether ``text`` is already written in ``layout`` (then it is kept as it is)."""
-    from fastgrpo.rewards import R1VL_LAYOUT, TAG_LAYOUT
-    from fastgrpo.rewards.functions import step_validity
     if layout == "free":
         return False
     return all(step_validity(text, R1VL_LAYOUT if layout == "r1vl" else TAG_LAYOUT))
@@ -66,7 +80,6 @@ def format_target(text: str, gold: str | None, layout: str) -> str:
     reasoning lines, and the gold answer after ``####`` or ``gold``)."""
     if not layout or _in_layout(text, layout):
         return text
-    from fastgrpo.rewards.answer import gold_answer
     body, sep, tail = text.rpartition("####")
     if sep:
         answer = tail.strip().split("\n")[0].strip()
@@ -146,7 +159,6 @@ def _check(ap, args) -> None:
 
 def _encode_rows(rows, tok, encode, args, where_file: str, limit: int):
     """Prompt and target token ids of every row; errors name the file and row."""
-    from fastgrpo.tasks.data import DataError
     prompts, comps, cut = [], [], 0
     for i, row in enumerate(rows):
         col = args.completion_column or ("completion" if "completion" in row else "answer")
@@ -167,18 +179,35 @@ def _encode_rows(rows, tok, encode, args, where_file: str, limit: int):
     return prompts, comps, cut
 
 
-def run(args) -> dict:
-    from fastgrpo.hf import lm_head_weight
-    from fastgrpo.tasks.data import load_jsonl
-    from fastgrpo.trainer.checkpoint import (capture_rng_state, load_checkpoint, resolve_resume,
-                                             save_checkpoint)
-    from fastgrpo.trainer.config import TrainConfig
-    from fastgrpo.trainer.learn import lr_at
-    from fastgrpo.trainer.policy import apply_lora, load_model, save_lora
-    from fastgrpo.trainer.prompting import make_encoder, system_prompt
-    from fastgrpo.trainer.prompts import PromptOrder
-    from fastgrpo.trainer.sft import sft_step
+def _train(args, cfg, model, tok, weight, opt, order, prompts, comps, out: Path, options: dict,
+           start: int, losses: list, device) -> None:
+    """The SFT steps from ``start`` (the LR schedule of the trainer, checkpoints every
+    ``--save-every``); appends each step's loss to ``losses``."""
 
+    def save_files(directory: Path) -> None:
+        model.config.save_pretrained(directory)
+        tok.save_pretrained(directory)
+
+    model.train()
+    for step in range(start, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        idx = order.take(args.batch_size)
+        losses.append(sft_step(model, weight, opt, [prompts[i] for i in idx], [comps[i] for i in idx],
+                               args.micro_batch_tokens, grad_clip=args.grad_clip, device=device))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"SFT loss is not finite at step {step + 1}; lower --lr")
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"sft step {step + 1:4d}/{args.steps}  loss {losses[-1]:.4f}  lr {lr_at(step, cfg):.2e}",
+                  file=sys.stderr)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(out, step + 1, model, opt, extra={"data": order.state_dict(), "config": options,
+                                                              "losses": losses},
+                            keep_last=args.keep_last, rng_states=[capture_rng_state()],
+                            trainable_only=bool(args.lora_r), save_extra=save_files)
+
+
+def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -196,7 +225,6 @@ def run(args) -> dict:
         if args.eval_file else []
     model_dir = args.model
     if not Path(model_dir).exists():  # a preset's name: its model (e.g. smollm2-135m)
-        from fastgrpo.trainer.presets import PRESETS
         if model_dir in PRESETS:
             model_dir = PRESETS[model_dir].model_dir()
     model, tok = load_model(model_dir, device=device, attn_implementation="sdpa")
@@ -223,28 +251,8 @@ def run(args) -> dict:
         start, losses = int(extra["step"]), list(extra.get("losses", []))
         print(f"resuming from checkpoint {path} (step {start} of {args.steps})", file=sys.stderr)
 
-    def save_files(directory: Path) -> None:
-        model.config.save_pretrained(directory)
-        tok.save_pretrained(directory)
-
-    model.train()
     t0 = time.perf_counter()
-    for step in range(start, args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        idx = order.take(args.batch_size)
-        losses.append(sft_step(model, weight, opt, [prompts[i] for i in idx], [comps[i] for i in idx],
-                               args.micro_batch_tokens, grad_clip=args.grad_clip, device=device))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"SFT loss is not finite at step {step + 1}; lower --lr")
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"sft step {step + 1:4d}/{args.steps}  loss {losses[-1]:.4f}  lr {lr_at(step, cfg):.2e}",
-                  file=sys.stderr)
-        if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(out, step + 1, model, opt, extra={"data": order.state_dict(), "config": options,
-                                                              "losses": losses},
-                            keep_last=args.keep_last, rng_states=[capture_rng_state()],
-                            trainable_only=bool(args.lora_r), save_extra=save_files)
+    _train(args, cfg, model, tok, weight, opt, order, prompts, comps, out, options, start, losses, device)
     seconds = time.perf_counter() - t0
     if args.lora_r:
         save_lora(model, out)
@@ -255,8 +263,6 @@ def run(args) -> dict:
     summary = {"sft_steps": args.steps, "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None, "seconds": round(seconds, 1)}
     if evals:
-        from fastgrpo.trainer.loop import build_reward_set, evaluate
-        from fastgrpo.trainer.prompting import resolve_layout
         layout = resolve_layout(args.layout)
         ev = evaluate(model, tok, evals, build_reward_set(cfg, layout), cfg, encode)
         summary.update({"eval_accuracy": ev["accuracy"], "eval_validity": ev["validity"],
@@ -267,10 +273,6 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fastgrpo.rewards import RewardError
-    from fastgrpo.tasks.data import DataError
-    from fastgrpo.trainer.checkpoint import CheckpointError
-    from fastgrpo.trainer.config import ConfigError
     ap = _parser()
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     _check(ap, args)

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..kb import Hit, KnowledgeBase, build_kb
+from fastgrpo.kb import Hit, KnowledgeBase, build_kb
+from fastgrpo.tasks.arithmetic.tokenizer import build_tokenizer
 
 __all__ = ["KBS", "TOP_K", "Person", "City", "World", "Step", "Question", "make_world", "world_documents", "build_kbs",
            "make_questions", "teacher_trajectory", "step_rows", "make_splits", "write_task", "main",
@@ -71,7 +72,7 @@ ONLINE_INSTRUCTIONS = (
     "step with none, write the final answer of the origin question the same way."
 )
 # the warm-up checkpoint of this task (python -m fastgrpo.sft --task routing)
-ROUTING_WARMUP_DIR = Path(__file__).resolve().parent / "assets" / "routing_warmup"
+ROUTING_WARMUP_DIR = Path(__file__).resolve().parent / "checkpoint"
 THINK_RETRIEVE = "I need one more fact."
 THINK_STOP = "I have all I need."
 THINK_ANSWER = "It is in the information above."
@@ -356,10 +357,8 @@ def routing_corpus(seed: int = 0) -> list[str]:
 
 
 def build_routing_tokenizer(seed: int = 0):
-    """The built-in task's word-level tokenizer (``tasks.tokenizer``) extended to the routing
-    world's words."""
-    from .tokenizer import build_tokenizer
-
+    """The arithmetic task's word-level tokenizer (``tasks.arithmetic.tokenizer``) extended to
+    the routing world's words."""
     return build_tokenizer(routing_corpus(seed))
 
 

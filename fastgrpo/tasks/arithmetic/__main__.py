@@ -1,0 +1,3 @@
+from fastgrpo.tasks.arithmetic.data import main
+
+main()

@@ -1,0 +1,3 @@
+from fastgrpo.tasks.routing.data import main
+
+raise SystemExit(main())
