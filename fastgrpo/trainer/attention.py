@@ -322,8 +322,11 @@ def sdpa_varlen_attention_forward(module, query, key, value, attention_mask, sca
     so the cost is sum(L_i^2) and no ``[L, L]`` mask exists.  Anything that is not a packed
     causal row goes to transformers' sdpa.  Returns ``([B, L, H, Dh], None)``.
     """
+    groups = kwargs.pop("shared_prefix_groups", None)
     seqlens = packed_seqlens(module, query, key, attention_mask, is_causal, **kwargs)
     if seqlens is None:
+        if groups is not None:
+            raise ValueError("shared_prefix_groups needs a packed causal row (one row, no mask, no cache)")
         return _dense_sdpa(module, query, key, value, attention_mask, scaling=scaling,
                            dropout=dropout, is_causal=is_causal, **kwargs)
     if scaling is None:
@@ -331,6 +334,10 @@ def sdpa_varlen_attention_forward(module, query, key, value, attention_mask, sca
     p = dropout if module.training else 0.0
     window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
+    if groups is not None:
+        if window:
+            raise ValueError("shared_prefix_groups does not support sliding-window attention")
+        return _shared_prefix_sdpa(query, key, value, groups, scaling, p, gqa), None
     outs, start = [], 0
     for n in seqlens:
         sl = slice(start, start + n)
@@ -342,6 +349,26 @@ def sdpa_varlen_attention_forward(module, query, key, value, attention_mask, sca
             enable_gqa=gqa))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _shared_prefix_sdpa(query, key, value, groups, scaling, p, gqa):
+    """A row in ``fastgrpo.trainer.prefix``'s shared-prompt layout: each prompt causal over
+    itself, each completion over its prompt (all of it) and causally over itself."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    outs = []
+    for ps, pl, comps in groups:
+        pk, pv = key[:, :, ps:ps + pl], value[:, :, ps:ps + pl]
+        outs.append(sdpa(query[:, :, ps:ps + pl], pk, pv, dropout_p=p, is_causal=True,
+                         scale=scaling, enable_gqa=gqa))
+        for cs, cl in comps:
+            k = torch.cat([pk, key[:, :, cs:cs + cl]], 2)
+            v = torch.cat([pv, value[:, :, cs:cs + cl]], 2)
+            i = torch.arange(cl, device=query.device)
+            mask = torch.cat([torch.ones(cl, pl, dtype=torch.bool, device=query.device),
+                              i[:, None] >= i[None, :]], 1)
+            outs.append(sdpa(query[:, :, cs:cs + cl], k, v, attn_mask=mask, dropout_p=p,
+                             scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
 
 def register_sdpa_varlen(name: str = SDPA_VARLEN_NAME) -> str:
