@@ -192,28 +192,18 @@ def select_attention(requested: str = "auto", device=None) -> str:
             raise AttentionBackendError(f"flash_attention_2 needs CUDA (device {device!r}); "
                                         f"use sdpa_varlen on this device")
         return key
-    if key == TORCH_VARLEN_NAME:
-        why = _torch_varlen_status(False)
+    if key in (TORCH_VARLEN_NAME, XFORMERS_NAME):  # installed? CUDA? do its kernels run?
+        status = _torch_varlen_status if key == TORCH_VARLEN_NAME else _xformers_status
+        why = status(False)
         if why:
             raise AttentionBackendError(why)
         if not cuda:
-            raise AttentionBackendError(f"torch_varlen needs CUDA (device {device!r}): torch's "
-                                        f"varlen kernels are CUDA-only; use sdpa_varlen on this device")
-        why = _torch_varlen_status(True)
+            raise AttentionBackendError(f"{key} needs CUDA (device {device!r}): its kernels are "
+                                        f"CUDA-only; use sdpa_varlen on this device")
+        why = status(True)
         if why:
             raise AttentionBackendError(why)
-        return register_torch_varlen()
-    if key == "xformers":
-        why = _xformers_status(False)
-        if why:
-            raise AttentionBackendError(why)
-        if not cuda:
-            raise AttentionBackendError(f"xformers attention needs CUDA (device {device!r}); its "
-                                        f"kernels are CUDA-only: use sdpa_varlen on this device")
-        why = _xformers_status(True)
-        if why:
-            raise AttentionBackendError(why)
-        return register_xformers()
+        return _REGISTER[key]()
     if key == SDPA_VARLEN_NAME:
         return register_sdpa_varlen()
     return key
