@@ -128,10 +128,8 @@ class Clock:
 
 def run_fastgrpo(case, dtype, steps, root, **over) -> Clock:
     from fastgrpo.trainer import loop
-    from fastgrpo.trainer.config import TrainConfig
-    from fastgrpo.trainer.presets import PRESETS
-
     from fastgrpo.trainer.attention import apply_attention
+    from fastgrpo.trainer.config import TrainConfig
     path = model_dir(case, root)
     model, tok, select = load(path, dtype)
     # what the trainer picks itself when it loads the model (--attn-implementation auto)
