@@ -14,18 +14,21 @@ from fastgrpo.hf import lm_head_weight
 from fastgrpo.ops.logprobs import fused_logprobs
 from fastgrpo.tasks.tiny_vl import build_tiny_vl, random_image
 from fastgrpo.tasks.tokenizer import encode_prompt
+from fastgrpo.trainer.attention import apply_attention, select_attention
 from fastgrpo.trainer.packing import pack_bins
 from fastgrpo.trainer.policy import policy_hidden_states
 from fastgrpo.trainer.sample import Sample
 from fastgrpo.vl import IMAGE_PLACEHOLDER, VisionAdapter, attach_vision
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+ATTENTION = ["sdpa", "sdpa_varlen"]  # the dense block-diagonal mask; per-sequence SDPA (CPU auto)
 
 
-def _setup(family, seed=0):
+def _setup(family, seed=0, attn="sdpa"):
     torch.manual_seed(seed)
     model, tok, ip = build_tiny_vl(family, seed=seed)
     model.eval()
+    apply_attention(model, select_attention(attn, "cpu"))
     adapter = VisionAdapter(model.config, tok, ip)
     specs = [  # (prompt, image sizes, completion length)
         (f"What is shown in {IMAGE_PLACEHOLDER} ?", [(60, 90)], 9),
@@ -58,7 +61,9 @@ def _packed(model, adapter, samples):
 
 
 def _alone(model, adapter, s):
-    """One sequence through the model's own forward (its own positions), no padding."""
+    """One sequence through the model's own forward (its own positions), no padding, under
+    transformers' own sdpa attention."""
+    apply_attention(model, "sdpa")
     ids = torch.tensor([s.prompt_ids + s.completion_ids])
     kw = adapter.forward_inputs(ids, s.prompt_inputs)
     hidden = model.base_model(input_ids=ids, use_cache=False, **kw).last_hidden_state[0]
@@ -69,9 +74,10 @@ def _alone(model, adapter, s):
     return lp[t, torch.tensor(s.completion_ids)]
 
 
+@pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_logprobs_equal_per_sequence(family, one_thread):
-    model, adapter, samples = _setup(family)
+def test_packed_logprobs_equal_per_sequence(family, attn, one_thread):
+    model, adapter, samples = _setup(family, attn=attn)
     assert sum(bool(s.prompt_inputs) for s in samples) == 3
     got, mb = _packed(model, adapter, samples)
     if adapter.mrope:
@@ -84,9 +90,10 @@ def test_packed_logprobs_equal_per_sequence(family, one_thread):
             torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_gradients_equal_per_sequence(family, one_thread):
-    model, adapter, samples = _setup(family, seed=1)
+def test_packed_gradients_equal_per_sequence(family, attn, one_thread):
+    model, adapter, samples = _setup(family, seed=1, attn=attn)
     params = [p for p in model.parameters() if p.requires_grad]
     got, _ = _packed(model, adapter, samples)
     loss = sum(got[i].sum() * s.advantage for i, s in enumerate(samples))

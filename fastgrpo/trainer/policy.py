@@ -213,10 +213,28 @@ def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool =
     forward must run, so that DDP / FSDP2 see it).  ``bf16``: autocast the backbone (CUDA)."""
     policy = as_policy(model)
     device = mb.input_ids.device
+    shared = _shared_row(policy, mb)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-        hidden, weight = policy(mb.input_ids, mb.position_ids, cu_seqlens=mb.cu_seqlens,
-                                max_seqlen=mb.max_seqlen, **mb.model_inputs)
+        if shared is not None:  # each prompt once, its completions after it (trainer.prefix)
+            hidden, weight = policy(shared.input_ids, shared.position_ids,
+                                    shared_prefix_groups=shared.groups)
+            hidden = hidden.index_select(0, shared.expand)
+        else:
+            hidden, weight = policy(mb.input_ids, mb.position_ids, cu_seqlens=mb.cu_seqlens,
+                                    max_seqlen=mb.max_seqlen, **mb.model_inputs)
     return hidden, weight.to(hidden.dtype)
+
+
+def _shared_row(policy, mb: MicroBatch):
+    """The micro-batch's shared-prompt layout (``fastgrpo.trainer.prefix``, computed once and
+    kept on ``mb``) when the attention is ``sdpa_varlen`` and two sequences share a prompt."""
+    from fastgrpo.trainer import prefix
+    model = unwrap_model(policy)
+    if getattr(model.config, "_attn_implementation", None) != "sdpa_varlen" or not prefix.enabled():
+        return None
+    if not hasattr(mb, "_shared_row"):
+        mb._shared_row = prefix.share_prompts(mb, getattr(model.config, "text_config", model.config))
+    return mb._shared_row
 
 
 # ----------------------------------------------------------------------------- LoRA (peft)

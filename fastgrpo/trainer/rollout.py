@@ -235,7 +235,11 @@ def pick_token(logits: torch.Tensor, temperature: float | None, top_p: float,
     if temperature is None:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
-    scaled = logits / temperature
+    scaled = logits if temperature == 1.0 else logits / temperature
+    if top_p >= 1.0:  # one softmax pass serves the sample and its log-prob (large vocabularies)
+        probs = scaled.softmax(-1)
+        tok = torch.multinomial(probs, 1)
+        return tok[:, 0], probs.gather(1, tok)[:, 0].log()
     logp = torch.log_softmax(scaled, -1)
     if shaping is not None:
         scaled = shaping.penalize(scaled, seen)
