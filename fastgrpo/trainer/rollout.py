@@ -25,7 +25,8 @@ import torch
 
 from fastgrpo.trainer.sample import Sample
 
-__all__ = ["Rollout", "generate", "generate_reference", "make_samples", "new_cache", "cache_kwarg", "pick_token"]
+__all__ = ["Rollout", "generate", "generate_reference", "left_pad", "make_samples", "new_cache", "cache_kwarg",
+           "pick_token"]
 
 
 @dataclass
@@ -252,19 +253,26 @@ def pick_token(logits: torch.Tensor, temperature: float | None, top_p: float,
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
+def left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch for a KV-cached prefill: ``input_ids``,
+    ``attention_mask`` and ``position_ids`` (counting from 0 at each row's first real token)."""
+    width = max(len(s) for s in seqs)
+    inp = torch.full((len(seqs), width), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        inp[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        att[r, width - len(s):] = 1
+    inp, att = inp.to(device), att.to(device)
+    return inp, att, (att.cumsum(-1) - 1).clamp(min=0)
+
+
 def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, eos: int,
             pad: int, temperature: float | None, top_p: float, inputs: list[dict] | None = None,
             vision=None, shaping: _Shaping | None = None):
     """Completions (untrimmed) and their log-probs for ``prompts``, G per prompt, in order."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    inp = torch.full((len(prompts), width), pad, dtype=torch.long)
-    att = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        inp[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        att[r, width - len(p):] = 1
-    inp, att = inp.to(device), att.to(device)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    inp, att, pos = left_pad(prompts, pad, device)
     extra = {}
     if vision is not None:  # images in the prefill; mrope positions [3, B, W]
         extra, pos = vision.prefill_inputs(model, prompts, inputs or [{}] * len(prompts), inp, att)
@@ -347,16 +355,9 @@ def generate_reference(model, tokenizer, prompt_ids: list[list[int]], *, group_s
     t0 = time.perf_counter()
     for s in range(0, len(flat), batch_size):
         idx = flat[s:s + batch_size]
-        width = max(len(prompt_ids[i]) for i in idx)
-        inp = torch.full((len(idx), width), pad, dtype=torch.long)
-        att = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompt_ids[i]
-            inp[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            att[r, width - len(p):] = 1
-        out = model.generate(input_ids=inp.to(device), attention_mask=att.to(device),
-                             generation_config=gen_cfg)
-        new = out[:, width:].tolist()
+        inp, att, _ = left_pad([prompt_ids[i] for i in idx], pad, device)
+        out = model.generate(input_ids=inp, attention_mask=att, generation_config=gen_cfg)
+        new = out[:, inp.shape[1]:].tolist()
         for row in new:
             if eos in row:
                 row = row[:row.index(eos) + 1]

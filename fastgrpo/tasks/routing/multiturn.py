@@ -46,7 +46,7 @@ from fastgrpo.rewards import RewardResult
 from fastgrpo.rewards.retrieval import (answer_step_score, lexical_similarity, parse_retrieval_step,
                                         retrieval_step_score)
 from fastgrpo.tasks.routing.data import tool_text
-from fastgrpo.trainer.rollout import Rollout, cache_kwarg, new_cache, pick_token
+from fastgrpo.trainer.rollout import Rollout, cache_kwarg, left_pad, new_cache, pick_token
 from fastgrpo.trainer.sample import Sample
 
 __all__ = ["STOPS", "TurnSample", "KBTool", "hf_step_fn", "rollout_turns", "score_turns",
@@ -101,13 +101,7 @@ def _decode_until(model, tokenizer, contexts: list[list[int]], max_new_tokens: i
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     width = max(len(c) for c in contexts)
-    inp = torch.full((len(contexts), width), pad, dtype=torch.long)
-    att = torch.zeros((len(contexts), width), dtype=torch.long)
-    for r, c in enumerate(contexts):
-        inp[r, width - len(c):] = torch.tensor(c, dtype=torch.long)
-        att[r, width - len(c):] = 1
-    inp, att = inp.to(device), att.to(device)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    inp, att, pos = left_pad(contexts, pad, device)
     padded = not bool(att.all())
     cache, key = new_cache(model, width + max_new_tokens), cache_kwarg(model)
     out = model(input_ids=inp, attention_mask=att if padded else None, position_ids=pos,
