@@ -80,8 +80,12 @@ def init_distributed(backend: str | None = None, device: str | torch.device | No
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(synchronize: bool = False) -> None:
+    """Destroy the process group; ``synchronize``: after a barrier (only where every rank is
+    known to get there: a failed rank would leave the others waiting for the timeout)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

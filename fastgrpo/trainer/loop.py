@@ -407,6 +407,7 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = dist_.init_distributed(device=None if cfg.device == "auto" else cfg.device)
     lock = r = None
+    finished = False  # every rank got through the run: safe to wait for the others
     try:
         check_dependencies(cfg)
         with RunSignals() as signals:  # the whole run: set-up, the evals before and after included
@@ -416,7 +417,9 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
                     lock = claim_out_dir(cfg, info)
                     r = setup_run(cfg, model, tokenizer, info)
                     preflight(r)
-                return _train(r, signals)
+                summary = _train(r, signals)
+                finished = True
+                return summary
             except StopPhase as e:
                 raise TrainingInterrupted(
                     f"{signal.Signals(e.signum).name}: stopped before training; nothing was "
@@ -430,8 +433,9 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
             r.task.close()
         if lock is not None:
             lock.release()
-        if owns_group:
-            dist_.cleanup_distributed()
+        if owns_group:  # a finished run's ranks meet before the group goes (no rank tears
+            # down gloo while another is still in the run's last collective)
+            dist_.cleanup_distributed(synchronize=finished)
 
 
 def main(argv: list[str] | None = None) -> None:
