@@ -49,9 +49,12 @@ def wandb_env(tmp_path, monkeypatch):
 
 def _wandb_runs(out: Path) -> list[list[dict]]:
     """The records of each offline run under ``<out>/wandb``, oldest first, as wandb's own
-    reader of ``.wandb`` files prints them."""
+    reader of ``.wandb`` files prints them.  Ordered by when each file was last written (a run
+    finishes before the next starts): the folder names hold the start time to the second only,
+    so two runs of the same second would sort by their random run ids."""
     runs = []
-    for f in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
+    for f in sorted((out / "wandb").glob("offline-run-*/run-*.wandb"),
+                    key=lambda f: f.stat().st_mtime_ns):
         p = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(f)],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
