@@ -30,15 +30,20 @@ FAST = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-n
         "--device", "cpu", "--threads", "1"]
 
 
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    """Exit code (0 when main returns), stdout, stderr."""
+def cli(fn, capsys, *argv) -> tuple[int, str, str]:
+    """A command's ``fn(argv)``: exit code (0 when it returns), stdout, stderr."""
     code = 0
     try:
-        main([*FAST, *argv])
+        fn(list(argv))
     except SystemExit as e:
         code = e.code
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    """``python -m fastgrpo.train`` with the fast options: exit code, stdout, stderr."""
+    return cli(main, capsys, *FAST, *argv)
 
 
 def _metrics(out: Path) -> list[dict]:

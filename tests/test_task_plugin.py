@@ -15,6 +15,7 @@ from fastgrpo.trainer.config import parse_args
 from fastgrpo.trainer.loop import main
 from fastgrpo.trainer.sft import main as sft_main
 from fastgrpo.trainer.task import Task, load_task
+from test_run_safety import cli
 
 FAST = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "0",
         "--sample-every", "0", "--no-plot", "--no-progress", "--device", "cpu", "--threads", "1"]
@@ -91,14 +92,7 @@ def user_task(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
 
 
-def _run(fn, capsys, *argv) -> tuple[int, str, str]:
-    code = 0
-    try:
-        fn(list(argv))
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+_run = cli  # fn(argv): exit code, stdout, stderr
 
 
 def test_a_user_task_runs_end_to_end(user_task, tmp_path, capsys):

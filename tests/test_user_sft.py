@@ -17,6 +17,7 @@ from fastgrpo.tasks.arithmetic import make_splits
 from fastgrpo.tasks.data import write_jsonl
 from fastgrpo.trainer.sft import main as sft_main
 from fastgrpo.trainer.user_sft import format_target
+from test_run_safety import cli
 
 GSM = "Tom has 3 + 4 = <<3+4=7>>7 apples.\nHe eats 2: 7 - 2 = <<7-2=5>>5.\n#### 5"
 
@@ -52,13 +53,7 @@ def _data(tmp_path, n=12):
 
 
 def _run(capsys, *argv):
-    code = 0
-    try:
-        sft_main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+    return cli(sft_main, capsys, *argv)
 
 
 BASE = ["--prompt-column", "question", "--completion-column", "solution", "--batch-size", "4",
