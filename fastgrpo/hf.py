@@ -79,8 +79,8 @@ def backbone_output(model: torch.nn.Module, *, cu_seqlens: torch.Tensor | None =
     """
     if cu_seqlens is not None:
         impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        kwargs.update(packed_attention_kwargs(impl, cu_seqlens.to(kwargs["input_ids"].device),
-                                              max_seqlen))
+        x = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        kwargs.update(packed_attention_kwargs(impl, cu_seqlens.to(x.device), max_seqlen))
     kwargs["use_cache"] = False
     return model.base_model(**kwargs)
 

@@ -35,7 +35,8 @@ import torch
 
 __all__ = ["IMAGE_PLACEHOLDER", "VisionAdapter", "VisionError", "is_vision_config",
            "load_image_processor", "attach_vision", "freeze_vision", "vision_modules",
-           "load_images", "concat_inputs", "check_placeholders"]
+           "load_images", "concat_inputs", "check_placeholders", "embed_images_once",
+           "share_images_enabled"]
 
 IMAGE_PLACEHOLDER = "<image>"
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -284,10 +285,24 @@ def _inner_model(model):
     raise VisionError(f"{type(m).__name__} has no get_rope_index")
 
 
-def attach_vision(batches, samples, adapter: VisionAdapter, model) -> None:
+def share_images_enabled() -> bool:
+    """On unless ``FASTGRPO_SHARE_IMAGES=0`` (for measuring what it saves)."""
+    return os.environ.get("FASTGRPO_SHARE_IMAGES", "1") != "0"
+
+
+def attach_vision(batches, samples, adapter: VisionAdapter, model, *,
+                  share_images: bool | None = None) -> None:
     """Give each packed micro-batch (``pack_bins`` output; ``seq_index`` into ``samples``) its
     sequences' images: ``model_inputs`` concatenated in sequence order and, for mrope models,
-    position ids ``[4, 1, L]`` (text positions restarting per sequence + per-sequence mrope)."""
+    position ids ``[4, 1, L]`` (text positions restarting per sequence + per-sequence mrope).
+
+    ``share_images`` (default on, ``FASTGRPO_SHARE_IMAGES=0`` turns it off; mrope models): the
+    G samples of a prompt carry the same images, so each distinct image of the row is given
+    once (``pixel_values`` / ``image_grid_thw`` of the distinct images) with ``image_index``,
+    the distinct image behind each image of the row in order; :func:`embed_images_once` then
+    runs the vision tower once per distinct image and hands its output to every sample."""
+    if share_images is None:
+        share_images = share_images_enabled()
     for mb in batches:
         idx = mb.seq_index.tolist()
         if not idx:
@@ -303,9 +318,61 @@ def attach_vision(batches, samples, adapter: VisionAdapter, model) -> None:
                 rows.append(torch.cat([torch.arange(len(seq))[None], p3], 0))
             mb.position_ids = torch.cat(rows, 1)[:, None].to(mb.input_ids.device)
         inputs = concat_inputs([p for p in parts if p])
-        if inputs:
-            mb.model_inputs = {k: v.to(mb.input_ids.device)
-                               for k, v in adapter.forward_inputs(mb.input_ids.cpu(), inputs).items()}
+        if not inputs:
+            continue
+        if share_images and adapter.mrope and "image_grid_thw" in inputs:
+            inputs = _distinct_images([p for p in parts if p])
+        else:
+            inputs = adapter.forward_inputs(mb.input_ids.cpu(), inputs)
+        mb.model_inputs = {k: v.to(mb.input_ids.device) for k, v in inputs.items()}
+
+
+def _distinct_images(parts: Sequence[dict]) -> dict:
+    """Qwen inputs of a row's sequences -> the distinct images (equal pixels and grid: the
+    same image, whichever sample carries it) and ``image_index`` (the distinct image of each
+    image of the row, in order)."""
+    pix, grids, index = [], [], []
+    for p in parts:
+        grid = p["image_grid_thw"]
+        for pv, g in zip(p["pixel_values"].split(grid.prod(-1).tolist()), grid):
+            for j, (q, h) in enumerate(zip(pix, grids)):
+                if torch.equal(h, g) and (_same_view(q, pv) or torch.equal(q, pv)):
+                    index.append(j)
+                    break
+            else:
+                index.append(len(pix))
+                pix.append(pv)
+                grids.append(g)
+    return {"pixel_values": torch.cat(pix), "image_grid_thw": torch.stack(grids),
+            "image_index": torch.tensor(index, dtype=torch.long)}
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+def embed_images_once(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                      image_grid_thw: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """``inputs_embeds`` ``[1, L, D]`` of a packed row whose distinct images are given once
+    (:func:`attach_vision`): the vision tower runs once over the distinct images, and each
+    image of the row takes its image's output (``index_select``: the gradient of an image
+    shared by G samples is the sum of theirs, accumulated once in the tower's backward).
+    Call it inside the policy's forward (DDP / FSDP2 hooks see the vision tower run)."""
+    inner = _inner_model(model)
+    out = inner.get_image_features(pixel_values, image_grid_thw)
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, torch.Tensor):  # (older transformers: one tensor of all images)
+        merge = int(inner.config.vision_config.spatial_merge_size)
+        feats = feats.split((image_grid_thw.prod(-1) // merge ** 2).tolist())
+    emb = inner.get_input_embeddings()(input_ids)
+    image = torch.cat([feats[j] for j in image_index.tolist()]) if len(feats) else None
+    mask = input_ids == int(inner.config.image_token_id)
+    n = int(mask.sum())
+    if image is None or image.shape[0] != n:
+        raise VisionError(f"the row has {n} image tokens but its images give "
+                          f"{0 if image is None else image.shape[0]} features")
+    return emb.masked_scatter(mask[..., None], image.to(emb.dtype))
 
 
 def vision_modules(model) -> list[torch.nn.Module]:

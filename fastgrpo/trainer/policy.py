@@ -96,6 +96,12 @@ class PolicyHiddenStates(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids=None, **model_inputs):
+        if "image_index" in model_inputs:  # each distinct image once (fastgrpo.vl.attach_vision)
+            from fastgrpo.vl import embed_images_once
+            names = ("pixel_values", "image_grid_thw", "image_index")
+            images = [model_inputs.pop(k) for k in names]
+            model_inputs["inputs_embeds"] = embed_images_once(self.model, input_ids, *images)
+            input_ids = None
         hidden = backbone_output(self.model, input_ids=input_ids, position_ids=position_ids,
                                  **model_inputs).last_hidden_state
         return (hidden[0] if hidden.shape[0] == 1 else hidden), lm_head_weight(self.model)
