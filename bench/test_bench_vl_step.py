@@ -105,6 +105,71 @@ def test_vl_ratio():
     assert f["peak_extra_bytes"] < nv["peak_extra_bytes"]
 
 
+def _setup_groups(share: bool, group: int):
+    """The bench's model and a batch of ``seqs // group`` prompts (one image each, sizes as in
+    ``_setup``) with ``group`` sampled completions each, the G samples of a prompt holding the
+    same inputs (as the rollout hands them over); ``share``: each image encoded once per row."""
+    from fastgrpo.tasks.tiny_vl import build_tiny_vl, random_image
+    from fastgrpo.tasks.tokenizer import encode_prompt
+    from fastgrpo.trainer.config import TrainConfig
+    from fastgrpo.trainer.learn import batch_logprobs
+    from fastgrpo.trainer.packing import pack_bins
+    from fastgrpo.trainer.sample import Sample
+    from fastgrpo.vl import VisionAdapter, attach_vision
+
+    seqs, v = _shape()
+    side = int(os.environ.get("FASTGRPO_BENCH_VL_SIDE", "0"))  # square images of SIDE pixels
+    model, tok, ip = build_tiny_vl("qwen2_vl", vocab_size=v, tie_word_embeddings=False,
+                                   max_pixels=max(28 * 28 * 16, side * side))
+    adapter = VisionAdapter(model.config, tok, ip)
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(seqs // group):
+        size = (side, side) if side else (56 + 14 * (i % 4), 84 - 14 * (i % 3))
+        ids, inp = adapter.encode("<image> What is shown ?", [random_image(*size, seed=i)],
+                                  encode_prompt)
+        for k in range(group):
+            comp = torch.randint(200, v, (32,), generator=g).tolist()
+            samples.append(Sample(prompt_ids=ids, completion_ids=comp, group=i, row=i,
+                                  prompt_inputs=inp, advantage=1.0 if k % 2 else -1.0))
+    cfg = TrainConfig(beta=0.04, lr=1e-4, bf16=False)
+    (mb,) = pack_bins([list(range(len(samples)))], samples)
+    attach_vision([mb], samples, adapter, model, share_images=share)
+    mb.extras["ref_logp"] = batch_logprobs(model, [mb], cfg)[0]
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), [mb], cfg
+
+
+def test_vl_share_images_cpu_time():
+    """Each image encoded once per row (``share_images``) against once per sample: CPU time of
+    one thread of the trainer's step (``optimize``), the two alternating round by round, same
+    model and samples.  ``FASTGRPO_BENCH_VL_G`` (default 4, R1-VL's G) samples per prompt,
+    ``FASTGRPO_BENCH_VL_SIDE`` square images of that many pixels (default: the sizes above)."""
+    group = int(os.environ.get("FASTGRPO_BENCH_VL_G", "4"))
+    rounds = int(os.environ.get("FASTGRPO_BENCH_VL_ROUNDS", "3"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {name: _setup_groups(share, group) for name, share in (("once", True), ("per_sample", False))}
+        for model, opt, batches, cfg in runs.values():
+            STEPS["fused"](model, opt, batches, cfg)  # warm-up: AdamW state, libraries
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (model, opt, batches, cfg) in runs.items():
+                t0 = time.process_time()
+                STEPS["fused"](model, opt, batches, cfg)
+                times[name].append(time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    mb = runs["once"][2][0]
+    best = {k: min(v) for k, v in times.items()}
+    print(f"\nVL images once / per sample (G={group}, {mb.num_sequences} sequences, "
+          f"{mb.num_tokens} tokens, {int(mb.model_inputs['image_grid_thw'].prod(-1).sum())} "
+          f"patches encoded once vs x{group}): step CPU time {best['once']:.3f} s vs "
+          f"{best['per_sample']:.3f} s, ratio per_sample/once x{best['per_sample'] / best['once']:.2f}")
+    assert runs["per_sample"][2][0].model_inputs["image_grid_thw"].shape[0] == mb.num_sequences
+    assert mb.model_inputs["image_grid_thw"].shape[0] == mb.num_sequences // group
+
+
 if __name__ == "__main__":  # peak-memory child: python bench/test_bench_vl_step.py IMPL
     impl = sys.argv[1]
     model, opt, batches, warm, cfg = _setup("cpu")
