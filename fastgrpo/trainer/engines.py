@@ -26,6 +26,7 @@ import time
 import torch
 
 from fastgrpo.trainer import rollout as _rollout
+from fastgrpo.trainer import vllm_vl
 
 __all__ = ["ENGINES", "HFEngine", "VLLMEngine", "select_engine", "make_engine"]
 
@@ -78,22 +79,32 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model, tokenizer, *, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.3, seed: int = 0, sleep_mode: bool | None = None):
+                 gpu_memory_utilization: float = 0.3, seed: int = 0, sleep_mode: bool | None = None,
+                 vision=None, max_images: int = 1):
+        """``vision``: a VL model's ``fastgrpo.vl.VisionAdapter`` (``trainer.vllm_vl``);
+        ``max_images`` per prompt."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process
+        self.tokenizer, self.vision = tokenizer, vision
+        extra = {}
+        if vision is not None:
+            extra = vllm_vl.llm_kwargs(vision, max_images)
         from vllm import LLM
 
-        self.tokenizer = tokenizer
         cuda = next(model.parameters()).device.type == "cuda"
         self.sleep_mode = cuda if sleep_mode is None else sleep_mode
         self._dir = tempfile.TemporaryDirectory(prefix="fastgrpo-vllm-")
         model.config.save_pretrained(self._dir.name)   # config + tokenizer only: no weights
         tokenizer.save_pretrained(self._dir.name)
+        if vision is not None:
+            vllm_vl.setup_engine_dir(self._dir.name, vision)
+        text = getattr(model.config, "text_config", model.config)
         self.llm = LLM(model=self._dir.name, tokenizer=self._dir.name, load_format="dummy",
                        dtype="bfloat16" if cuda else "float32", seed=seed,
-                       max_model_len=max_model_len or model.config.max_position_embeddings,
+                       max_model_len=max_model_len or text.max_position_embeddings,
                        gpu_memory_utilization=gpu_memory_utilization,
                        enable_sleep_mode=self.sleep_mode, logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True)
+                       enable_prefix_caching=True, **extra)
+        self.vocab_size = int(text.vocab_size)
         self.asleep = False
         self.sync_weights(model)
 
@@ -105,6 +116,8 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if getattr(self, "vision", None) is not None:
+            vllm_vl.reset_encoder_cache(self.llm)   # and cached image features
 
     def sleep(self) -> None:
         if self.sleep_mode and not self.asleep:
@@ -117,10 +130,17 @@ class VLLMEngine:
             self.asleep = False
 
     def generate(self, prompt_ids, *, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
-                 do_sample=True, rows=None, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=()):
+                 do_sample=True, rows=None, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=(),
+                 prompt_inputs=None, vision=None, images=None):
         """``top_k``, ``min_p``, ``repetition_penalty`` map onto vLLM's SamplingParams of the same
-        names; ``stop`` strings onto ``stop`` with the string kept (as the hf engine)."""
+        names; ``stop`` strings onto ``stop`` with the string kept (as the hf engine).
+        Vision-language prompts: ``images[i]`` (PIL) of prompt i (``trainer.vllm_vl``)."""
         from vllm import SamplingParams, TokensPrompt
+
+        mm = self.vision is not None and images is not None
+        if prompt_inputs is not None and any(prompt_inputs) and not mm:
+            raise ValueError("vision-language prompts need the engine built with vision= and "
+                             "the prompts' images")
 
         stop = list(stop or [])
         params = SamplingParams(n=group_size, temperature=temperature if do_sample else 0.0,
@@ -129,23 +149,33 @@ class VLLMEngine:
                                 repetition_penalty=repetition_penalty,
                                 max_tokens=max_new_tokens, logprobs=0, detokenize=bool(stop),
                                 stop=stop or None, include_stop_str_in_output=True,
-                                stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=False)
+                                stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=False,
+                                allowed_token_ids=vllm_vl.allowed_token_ids(self.vision, self.vocab_size)
+                                if mm else None)
         t0 = time.perf_counter()
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids],
-                                 params, use_tqdm=False)
+        prompts = vllm_vl.vllm_prompts(prompt_ids, images, self.vision) if mm else \
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
+        if mm:
+            vllm_vl.check_prompt_ids(outs, prompt_ids)
         comps, logps = [], []
         for o in outs:  # in prompt order; o.outputs: the n samples
             for c in sorted(o.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 comps.append(ids)
                 logps.append([float(lp[t].logprob) for t, lp in zip(ids, c.logprobs)])
-        return _rollout.make_samples(self.tokenizer, prompt_ids, group_size, comps, logps, rows,
-                                     seconds, stop)
+        ro = _rollout.make_samples(self.tokenizer, prompt_ids, group_size, comps, logps, rows,
+                                   seconds, stop)
+        if prompt_inputs is not None:
+            for s in ro.samples:
+                s.prompt_inputs = prompt_inputs[s.group]
+        return ro
 
 
-def make_engine(cfg, model, tokenizer, device, world_size: int = 1):
-    """The engine ``cfg.rollout`` names (``auto`` resolved for ``device``)."""
+def make_engine(cfg, model, tokenizer, device, world_size: int = 1, vision=None):
+    """The engine ``cfg.rollout`` names (``auto`` resolved for ``device``); ``vision``: the
+    run's ``trainer.vision.VisionRun`` (a VL model)."""
     from fastgrpo.trainer.config import ConfigError
 
     try:
@@ -163,5 +193,6 @@ def make_engine(cfg, model, tokenizer, device, world_size: int = 1):
                           "README, Rollouts)")
     if world_size > 1:
         raise ConfigError("--rollout vllm runs in one process; under torchrun use --rollout hf")
+    vl = {} if vision is None else {"vision": vision.adapter, "max_images": vision.max_images}
     return VLLMEngine(model, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                      seed=cfg.seed)
+                      seed=cfg.seed, **vl)

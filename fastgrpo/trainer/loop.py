@@ -131,7 +131,7 @@ def _rollout(r: RunState, step: int) -> Rollout:
             r.engine.wake()
             r.engine.sync_weights(r.model)  # the weights after the last optimizer step
             vkw = {} if r.vision is None else r.vision.generate_kwargs(
-                [r.train_rows[i] for i in mine], r.encode)[1]
+                [r.train_rows[i] for i in mine], r.encode, images=r.engine.name == "vllm")[1]
             ro = r.engine.generate([r.prompt_ids(i) for i in mine], group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_p=cfg.top_p, do_sample=True, **_sampling(cfg), **vkw)

@@ -117,7 +117,8 @@ def setup_run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> RunSt
     r = RunState(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
                  task.reward_set(cfg, layout), train_rows, eval_rows, encode,
                  PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
-                 engine=make_engine(cfg, model, tokenizer, device, info.world_size), vision=vision,
+                 engine=make_engine(cfg, model, tokenizer, device, info.world_size, vision),
+                 vision=vision,
                  task=task)
     task.bind(r)
     return r

@@ -82,26 +82,34 @@ class VisionRun:
     def __init__(self, adapter: VisionAdapter, model_dir: str | os.PathLike | None):
         self.adapter = adapter
         self.model_dir = model_dir
-        self._cache: dict[int, tuple[list[int], dict]] = {}
+        self._cache: dict[int, tuple[tuple[list[int], dict], dict]] = {}
+        self.max_images = 1   # images in one prompt, at most (the vLLM engine's limit)
 
     def encode(self, row: dict, encode_fn: Callable, where: str = "") -> tuple[list[int], dict]:
         """``(prompt ids with image tokens, model inputs)`` of a row (cached per row object)."""
         key = id(row)
         if key not in self._cache:
-            imgs = row_images(row)
-            pil = [x for x in imgs if not isinstance(x, (str, os.PathLike))]
-            paths = [x for x in imgs if isinstance(x, (str, os.PathLike))]
-            loaded = load_images(paths, where) if paths else []
-            it_pil, it_path = iter(pil), iter(loaded)
-            images = [next(it_pil) if not isinstance(x, (str, os.PathLike)) else next(it_path)
-                      for x in imgs]
+            images = self.images(row, where)
             self._cache[key] = (self.adapter.encode(row["prompt"], images, encode_fn, where), row)
         return self._cache[key][0]
 
-    def generate_kwargs(self, rows: Sequence[dict], encode_fn: Callable, what: str = "train") -> tuple[list, dict]:
-        """``(prompt ids, kwargs for rollout.generate)`` of ``rows``."""
+    @staticmethod
+    def images(row: dict, where: str = "") -> list:
+        """The row's images as PIL images (paths loaded, in order)."""
+        imgs = row_images(row)
+        paths = [x for x in imgs if isinstance(x, (str, os.PathLike))]
+        loaded = iter(load_images(paths, where) if paths else [])
+        return [next(loaded) if isinstance(x, (str, os.PathLike)) else x for x in imgs]
+
+    def generate_kwargs(self, rows: Sequence[dict], encode_fn: Callable, what: str = "train", *,
+                        images: bool = False) -> tuple[list, dict]:
+        """``(prompt ids, kwargs for rollout.generate)`` of ``rows``; ``images``: the rows' PIL
+        images too (``images=``, for the vLLM engine; loaded again, not cached)."""
         enc = [self.encode(r, encode_fn, f"{what} row") for r in rows]
-        return [e[0] for e in enc], {"prompt_inputs": [e[1] for e in enc], "vision": self.adapter}
+        kw = {"prompt_inputs": [e[1] for e in enc], "vision": self.adapter}
+        if images:
+            kw["images"] = [self.images(r, f"{what} row") for r in rows]
+        return [e[0] for e in enc], kw
 
     def attach(self, batches, samples, model) -> None:
         attach_vision(batches, samples, self.adapter, model)
@@ -134,10 +142,12 @@ def setup_vision(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[
             raise DataError("--freeze-vision: the model is text-only (it has no vision tower)")
         return None
     from fastgrpo.trainer.engines import select_engine
-    if select_engine(cfg.rollout, device) != "hf":
+    from fastgrpo.vl import QWEN_FAMILIES
+    family = getattr(model.config, "model_type", "")
+    if select_engine(cfg.rollout, device) == "vllm" and family not in QWEN_FAMILIES:
         from fastgrpo.trainer.config import ConfigError
-        raise ConfigError(f"--rollout {cfg.rollout}: vision-language rollouts run on the hf engine "
-                          f"only for now (give --rollout hf)")
+        raise ConfigError(f"--rollout {cfg.rollout}: vision-language rollouts on vLLM support "
+                          f"Qwen2-VL / Qwen2.5-VL; the model is {family!r} (give --rollout hf)")
     if image_processor is None:
         if not cfg.model:
             raise DataError("a vision-language model given in code needs its image processor "
@@ -150,7 +160,9 @@ def setup_vision(cfg, model, tokenizer, train_rows: list[dict], eval_rows: list[
                           f"its tokenizer and image processor ({type(e).__name__}: {e})") from None
     if cfg.freeze_vision:
         freeze_vision(model)
-    return VisionRun(adapter, cfg.model)
+    run = VisionRun(adapter, cfg.model)
+    run.max_images = max((len(row_images(r)) for r in train_rows + eval_rows), default=1)
+    return run
 
 
 def _image_processor(cfg):
