@@ -140,3 +140,20 @@ def test_data_errors_name_row_and_path(vl_data, tmp_path, capsys):
     err = _error(capsys, ["--train-file", str(f), "--out-dir", str(tmp_path / "t"), "--steps", "1",
                           "--no-progress"])
     assert "train row 1" in err and "text-only" in err
+
+
+def test_vllm_rollouts_refuse_llava(tmp_path):
+    """vLLM serves Qwen2-VL / Qwen2.5-VL prompts (tests/test_rollout_vllm_vl.py); a LLaVA run
+    is asked for --rollout hf when the run is set up, before any engine starts."""
+    from fastgrpo.tasks.tiny_vl import build_tiny_vl
+    from fastgrpo.trainer.config import ConfigError, TrainConfig
+    from fastgrpo.trainer.vision import setup_vision
+
+    for family, refused in (("llava", True), ("qwen2_vl", False)):
+        model, tok, ip = build_tiny_vl(family)
+        cfg = TrainConfig(rollout="vllm", model=str(tmp_path))
+        if refused:
+            with pytest.raises(ConfigError, match=r"--rollout vllm.*'llava'.*--rollout hf"):
+                setup_vision(cfg, model, tok, [], [], image_processor=ip)
+        else:
+            assert setup_vision(cfg, model, tok, [], [], image_processor=ip).max_images == 1
