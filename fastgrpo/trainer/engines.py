@@ -96,7 +96,7 @@ class VLLMEngine:
         model.config.save_pretrained(self._dir.name)   # config + tokenizer only: no weights
         tokenizer.save_pretrained(self._dir.name)
         if vision is not None:
-            vllm_vl.setup_engine_dir(self._dir.name, vision)
+            vllm_vl.setup_engine_dir(self._dir.name, vision, model)
         text = getattr(model.config, "text_config", model.config)
         self.llm = LLM(model=self._dir.name, tokenizer=self._dir.name, load_format="dummy",
                        dtype="bfloat16" if cuda else "float32", seed=seed,

@@ -32,10 +32,21 @@ __all__ = ["setup_engine_dir", "llm_kwargs", "reset_encoder_cache", "vllm_prompt
            "allowed_token_ids", "without_torchvision"]
 
 
-def setup_engine_dir(directory, adapter) -> None:
+def setup_engine_dir(directory, adapter, model) -> None:
     """Write the trainer's image processor next to the engine's config (vLLM builds its
-    processor from there) and make vLLM's Qwen2-VL importable without torchvision."""
+    processor from there), name the model class in the config (a model built from a config
+    has no ``architectures``: vLLM would then load the bare ``*VLModel`` as an embedding
+    model) and make vLLM's Qwen2-VL importable without torchvision."""
+    import json
+    from pathlib import Path
+    from fastgrpo.hf import unwrap_model
+
     adapter.image_processor.save_pretrained(directory)
+    f = Path(directory) / "config.json"
+    conf = json.loads(f.read_text())
+    if not conf.get("architectures"):
+        conf["architectures"] = [type(unwrap_model(model)).__name__]
+        f.write_text(json.dumps(conf, indent=2))
     without_torchvision()
 
 
