@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fastgrpo import fused_logprobs, grpo_loss
+from fastgrpo.ops.sharded import cast_weight
 from gloo_helpers import free_port, spawn_gloo
 
 VOCAB, B, T = 96, 4, 10
@@ -40,8 +41,9 @@ def _batch():
 
 
 def _loss(model, ids, attn, mask, adv, old, weight_of):
-    """grpo_loss (two-pass, sequence-level ratio: per-rank mean over its sequences) plus a
-    fused_logprobs term (entropy summed per sequence, averaged over sequences)."""
+    """grpo_loss (two-pass, sequence-level ratio: per-rank mean over its sequences) plus
+    fused_logprobs terms (entropy and log-probs summed per sequence, averaged over sequences;
+    once through a float64 cast of the weight)."""
     from fastgrpo.integrations.trl import _install_backbone_forward
     _install_backbone_forward(getattr(model, "module", model))   # a DeepSpeed engine's module
     hidden = model(input_ids=ids, attention_mask=attn, fastgrpo_backbone=True).last_hidden_state
@@ -54,7 +56,11 @@ def _loss(model, ids, attn, mask, adv, old, weight_of):
                            importance_sampling_level="sequence", loss_type="grpo")
     logp, ent = fused_logprobs(hidden, weight, torch.where(mask.bool(), targets, -100),
                                return_entropy=True)
-    return loss + loss_tl + 0.01 * (ent.sum() + logp.sum()) / ids.shape[0], weight
+    # a cast weight (TRL's cast_lm_head_to_fp32 / autocast path): float64 here
+    logp64 = fused_logprobs(hidden.double(), cast_weight(weight, torch.float64), targets,
+                            temperature=1.3)
+    extra = ent.sum() + logp.sum() + logp64.float().sum()
+    return loss + loss_tl + 0.01 * extra / ids.shape[0], weight
 
 
 def _check(rank, world, tied):

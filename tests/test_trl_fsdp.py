@@ -10,6 +10,13 @@ plain (gathered) weight and FSDP reduce-scatters its gradient.  ``fully_shard``:
 ``fully_shard`` per decoder layer and on the root with ``reshard_after_forward=True``; the loss
 receives the sharded DTensor and gathers it itself (``fastgrpo.ops.sharded``).  Everything else
 is the trainer's own code.
+
+DeepSpeed ZeRO-3 (where it installs: CI's peers environment): the trainer's model inside a
+ZeRO-3 engine (``deepspeed.initialize``, CPU, gloo; accelerate's DeepSpeed mode needs an
+accelerator device, as its FSDP mode does), ``compute_loss`` called with the engine as TRL's
+training step does and ``engine.backward``; the loss receives the partitioned (empty) lm_head
+weight and gathers it, and the gradients ZeRO-3 reduce-scattered into its partitions, gathered
+back, equal the 1-process trainer's.
 """
 
 from __future__ import annotations
@@ -87,6 +94,42 @@ def _worker(rank, world, port, d, loss_type, wrap, ref_path):
     dist.destroy_process_group()
 
 
+def _zero3_worker(rank, world, port, d, kw, ref_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from test_sharded_lm_head import zero3_engine, zero3_full_grads
+
+    import fastgrpo.integrations.trl as adapter
+    from fastgrpo.ops.sharded import is_partitioned
+    tr = _trainer(adapter.FastGRPOTrainer, _env(d), **kw)
+    assert tr.accelerator.num_processes == world
+    engine = zero3_engine(tr.model)
+    seen, head = [], adapter.lm_head_weight
+    adapter.lm_head_weight = lambda m: seen.append(is_partitioned(w := head(m))) or w
+    inputs = _batch()
+    b = inputs["prompt_ids"].shape[0]
+    rows = slice(rank * b // world, (rank + 1) * b // world)
+    mine = {k: (v[rows] if v.dim() and v.shape[0] == b else v) for k, v in inputs.items()}
+    tr.current_gradient_accumulation_steps = 2
+    engine.train()
+    loss = tr.compute_loss(engine, mine)
+    engine.backward(loss)
+    assert seen == [True], seen                  # the op received the partitioned weight
+    grads = zero3_full_grads(engine)
+    ref_loss, ref_grads = torch.load(ref_path)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / world, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        scale = float(ref_grads[n].abs().max())
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale + 1e-9,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+    dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("wrap,loss_type", [("accelerate", "grpo"), ("fully_shard", "dapo")])
 def test_trl_fsdp2_equals_one_process(tmp_path, wrap, loss_type):
     pytest.importorskip("trl")
@@ -99,4 +142,21 @@ def test_trl_fsdp2_equals_one_process(tmp_path, wrap, loss_type):
     assert float(ref[0]) != 0 and all(float(g.abs().max()) > 0 for g in ref[1].values())
     torch.save(ref, tmp_path / "ref.pt")
     mp.spawn(_worker, args=(2, free_port(), d, loss_type, wrap, str(tmp_path / "ref.pt")),
+             nprocs=2, join=True)
+
+
+def test_trl_deepspeed_zero3_equals_one_process(tmp_path):
+    pytest.importorskip("trl")
+    if os.environ.get("FASTGRPO_REQUIRE_PEERS") != "1":   # CI's peers leg: must run
+        pytest.importorskip("deepspeed")
+    from fastgrpo.integrations.trl import FastGRPOTrainer
+    d = tmp_path / "tiny"
+    _tiny_llama().save_pretrained(d)
+    _tiny_tokenizer().save_pretrained(d)
+    kw = dict(loss_type="grpo", beta=0.04)
+    tr = _trainer(FastGRPOTrainer, _env(d), **kw)                  # 1 process, whole batch
+    ref = _loss_and_grads(tr, tr.model, _batch())
+    assert float(ref[0]) != 0 and all(float(g.abs().max()) > 0 for g in ref[1].values())
+    torch.save(ref, tmp_path / "ref.pt")
+    mp.spawn(_zero3_worker, args=(2, free_port(), d, kw, str(tmp_path / "ref.pt")),
              nprocs=2, join=True)

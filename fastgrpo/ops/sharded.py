@@ -33,7 +33,7 @@ import functools
 import torch
 
 __all__ = ["is_dtensor", "sharded_grad", "is_partitioned", "gather_partitioned",
-           "gathers_partitioned_weight", "gathered", "is_zero3"]
+           "gathers_partitioned_weight", "gathered", "is_zero3", "cast_weight"]
 
 
 def is_partitioned(w) -> bool:
@@ -91,6 +91,34 @@ def gathered(w, grad_follows: bool = False):
 
         handle = w.register_post_accumulate_grad_hook(release)
         yield w
+
+
+class _CastPartitioned(torch.autograd.Function):
+    """``w.to(dtype)`` of a gathered ZeRO-3 parameter whose backward gathers it again for the
+    gradient's accumulation (see ``gathered``); a plain ``.to`` would accumulate into the
+    partitioned (empty) parameter."""
+
+    @staticmethod
+    def forward(ctx, w, dtype):
+        ctx.save_for_backward(w)
+        return w.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        with gathered(w, grad_follows=ctx.needs_input_grad[0]):
+            return g.to(w.dtype), None
+
+
+def cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w.to(dtype)``, for a ZeRO-3 partitioned parameter too (gathered for the cast, and for
+    its gradient's accumulation in the backward)."""
+    if w.dtype == dtype:
+        return w
+    if not is_zero3(w):
+        return w.to(dtype)
+    with gather_partitioned(w):
+        return _CastPartitioned.apply(w, dtype)
 
 
 def is_zero3(w) -> bool:
