@@ -63,15 +63,32 @@ def _loss(model, ids, attn, mask, adv, old, weight_of):
     return loss + loss_tl + 0.01 * extra / ids.shape[0], weight
 
 
+def _reference(tied):
+    """The 1-process run on the whole batch: the batch, the loss, every parameter's gradient."""
+    from fastgrpo.hf import lm_head_weight
+    batch = _batch()
+    ref = _model(tied)
+    loss, _ = _loss(ref, *batch, lm_head_weight)
+    loss.backward()
+    return batch, loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def assert_equals_one_process(loss, grads, ref_loss, ref_grads, world):
+    """This rank's loss averaged over the ranks, and the whole gradients, equal the 1-process
+    run's (each rank's loss is the mean over its share of the batch)."""
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / world, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        scale = float(ref_grads[n].abs().max())
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale + 1e-9,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
 def _check(rank, world, tied):
     from torch.distributed.fsdp import fully_shard
     from fastgrpo.hf import lm_head_weight
-    ids, attn, mask, adv, old = _batch()
-    # 1 process, whole batch
-    ref = _model(tied)
-    ref_loss, _ = _loss(ref, ids, attn, mask, adv, old, lm_head_weight)
-    ref_loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    (ids, attn, mask, adv, old), ref_loss, ref_grads = _reference(tied)
 
     model = _model(tied)
     for layer in model.model.layers:
@@ -88,18 +105,11 @@ def _check(rank, world, tied):
     loss, w = _loss(model, ids[rows], attn[rows], mask[rows], adv[rows], old[rows], weight_of)
     assert seen == ["DTensor"], seen          # the sharded parameter itself reached the op
     loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-    names = []
     for n, p in model.named_parameters():
         assert type(p.grad).__name__ == "DTensor" and p.grad.placements == p.placements, n
-        g = p.grad.full_tensor()
-        scale = float(ref_grads[n].abs().max())
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, n=n: f"{n}: {m}")
-        names.append(n)
-    assert ("lm_head.weight" in names) != tied and len(names) == len(ref_grads)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    assert ("lm_head.weight" in grads) != tied
+    assert_equals_one_process(loss, grads, ref_loss, ref_grads, world)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -139,11 +149,7 @@ def zero3_full_grads(engine) -> dict:
 def _check_zero3(rank, world, tied):
     from fastgrpo.hf import lm_head_weight
     from fastgrpo.ops.sharded import is_partitioned
-    ids, attn, mask, adv, old = _batch()
-    ref = _model(tied)
-    ref_loss, _ = _loss(ref, ids, attn, mask, adv, old, lm_head_weight)
-    ref_loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    (ids, attn, mask, adv, old), ref_loss, ref_grads = _reference(tied)
 
     engine = zero3_engine(_model(tied))
     rows = slice(rank * B // world, (rank + 1) * B // world)
@@ -158,15 +164,9 @@ def _check_zero3(rank, world, tied):
     assert seen == [(True, 0, (VOCAB, 32))], seen   # the partitioned parameter (no data here)
     engine.backward(loss)
     assert is_partitioned(w) and w.numel() == 0          # partitioned again after the backward
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
     grads = zero3_full_grads(engine)
-    assert grads.keys() == ref_grads.keys() and ("lm_head.weight" in grads) != tied
-    for n, g in grads.items():
-        scale = float(ref_grads[n].abs().max())
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, n=n: f"{n}: {m}")
+    assert ("lm_head.weight" in grads) != tied
+    assert_equals_one_process(loss, grads, ref_loss, ref_grads, world)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -41,6 +41,13 @@ def _env(d):
     return d, _tiny_tokenizer(), ds
 
 
+def _share(inputs, rank, world):
+    """This rank's rows of a TRL batch (contiguous, as accelerate's sampler splits it)."""
+    b = inputs["prompt_ids"].shape[0]
+    rows = slice(rank * b // world, (rank + 1) * b // world)
+    return {k: (v[rows] if v.dim() and v.shape[0] == b else v) for k, v in inputs.items()}
+
+
 def _loss_and_grads(trainer, model, inputs):
     trainer.current_gradient_accumulation_steps = 2
     model.train()
@@ -57,6 +64,7 @@ def _worker(rank, world, port, d, loss_type, wrap, ref_path):
     torch.set_num_threads(1)
     import torch.distributed as dist
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from test_sharded_lm_head import assert_equals_one_process
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     import fastgrpo.integrations.trl as adapter
@@ -76,21 +84,10 @@ def _worker(rank, world, port, d, loss_type, wrap, ref_path):
     assert type(model.model.layers[0]).__name__.startswith("FSDP")
     seen, head = [], adapter.lm_head_weight
     adapter.lm_head_weight = lambda m: seen.append(type(w := head(m)).__name__) or w
-    inputs = _batch()
-    b = inputs["prompt_ids"].shape[0]
-    rows = slice(rank * b // world, (rank + 1) * b // world)
-    mine = {k: (v[rows] if v.dim() and v.shape[0] == b else v) for k, v in inputs.items()}
+    mine = _share(_batch(), rank, world)
     loss, grads = _loss_and_grads(tr, model, mine)
     assert seen == (["DTensor"] if wrap == "fully_shard" else ["Parameter"]), seen
-    ref_loss, ref_grads = torch.load(ref_path)
-    total = loss.clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(total / world, ref_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == ref_grads.keys()
-    for n, g in grads.items():
-        scale = float(ref_grads[n].abs().max())
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale + 1e-9,
-                                   msg=lambda m, n=n: f"{n}: {m}")
+    assert_equals_one_process(loss, grads, *torch.load(ref_path), world)
     dist.destroy_process_group()
 
 
@@ -99,7 +96,7 @@ def _zero3_worker(rank, world, port, d, kw, ref_path):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
-    from test_sharded_lm_head import zero3_engine, zero3_full_grads
+    from test_sharded_lm_head import assert_equals_one_process, zero3_engine, zero3_full_grads
 
     import fastgrpo.integrations.trl as adapter
     from fastgrpo.ops.sharded import is_partitioned
@@ -108,25 +105,14 @@ def _zero3_worker(rank, world, port, d, kw, ref_path):
     engine = zero3_engine(tr.model)
     seen, head = [], adapter.lm_head_weight
     adapter.lm_head_weight = lambda m: seen.append(is_partitioned(w := head(m))) or w
-    inputs = _batch()
-    b = inputs["prompt_ids"].shape[0]
-    rows = slice(rank * b // world, (rank + 1) * b // world)
-    mine = {k: (v[rows] if v.dim() and v.shape[0] == b else v) for k, v in inputs.items()}
+    mine = _share(_batch(), rank, world)
     tr.current_gradient_accumulation_steps = 2
     engine.train()
     loss = tr.compute_loss(engine, mine)
     engine.backward(loss)
     assert seen == [True], seen                  # the op received the partitioned weight
     grads = zero3_full_grads(engine)
-    ref_loss, ref_grads = torch.load(ref_path)
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(total / world, ref_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == ref_grads.keys()
-    for n, g in grads.items():
-        scale = float(ref_grads[n].abs().max())
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale + 1e-9,
-                                   msg=lambda m, n=n: f"{n}: {m}")
+    assert_equals_one_process(loss, grads, *torch.load(ref_path), world)
     dist.destroy_process_group()
 
 
