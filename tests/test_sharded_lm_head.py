@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from fastgrpo import fused_logprobs, grpo_loss
 from fastgrpo.ops.sharded import cast_weight
-from gloo_helpers import free_port, spawn_gloo
+from gloo_helpers import spawn_gloo
 
 VOCAB, B, T = 96, 4, 10
 

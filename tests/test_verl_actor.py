@@ -386,7 +386,7 @@ def test_verl_qwen2_vl_forward_imports():
     import transformers
     import verl
     try:
-        import verl.models.transformers.qwen2_vl  # noqa: F401
+        import verl.models.transformers.qwen2_vl
     except ImportError as e:
         if "Qwen2VLCausalLMOutputWithPast" not in str(e):
             raise
