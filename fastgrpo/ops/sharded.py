@@ -1,5 +1,5 @@
-"""An lm_head weight sharded by FSDP2 (a ``DTensor`` parameter), inside the fused autograd
-functions.
+"""An lm_head weight sharded by FSDP2 (a ``DTensor`` parameter) or partitioned by DeepSpeed
+ZeRO-3, inside the fused autograd functions.
 
 A model wrapped with ``fully_shard`` keeps its parameters as sharded DTensors outside its own
 forward; a loss that reads ``lm_head.weight`` after the backbone's forward (TRL's adapter, any
@@ -17,9 +17,10 @@ A DeepSpeed ZeRO-3 partitioned parameter (read outside its module's forward it h
 tensor; ``ds_shape`` is its real shape) is gathered the way ``deepspeed.zero.GatheredParameters``
 does it, which is what that context is: ``fused_logprobs`` / ``grpo_loss`` run whole inside one
 (``gathers_partitioned_weight``), so autograd records the weight's full shape, and the
-backward's recompute gathers it again (``gathered``).  The gradient goes back full-size, as a
-ZeRO-3 module's own backward produces it, and DeepSpeed's gradient hook on the parameter
-reduce-scatters it into its partition (averaged over the data-parallel ranks).  A weight
+backward's recompute gathers it again (``gathered``), keeping it gathered until autograd has
+accumulated its gradient.  The gradient goes back full-size, as a ZeRO-3 module's own backward
+produces it, and DeepSpeed's gradient hook on the parameter reduce-scatters it into its
+partition (averaged over the data-parallel ranks).  A weight
 already gathered (``AVAILABLE``: inside a ``GatheredParameters`` of the caller's, a persistent
 small parameter, a tied embedding still in use) is used as it is, as TRL's
 ``maybe_gather_lm_head_ctx`` does.
