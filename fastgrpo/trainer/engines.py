@@ -43,6 +43,7 @@ __all__ = ["ENGINES", "HFEngine", "VLLMEngine", "select_engine", "make_engine", 
            "close_engines"]
 
 ENGINES = ("hf", "vllm", "auto")
+CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's KV cache per engine on CPU
 
 
 class HFEngine:
@@ -126,8 +127,8 @@ class VLLMEngine:
 
     ``world_size > 1`` (``torchrun``; the default process group already initialised by the
     trainer): colocated, one engine per rank on vLLM's ``external_launcher`` executor (TRL's
-    ``vllm_mode="colocate"``); on CPU the ranks share the node's memory, so each takes
-    ``gpu_memory_utilization / world_size`` of it for its KV cache."""
+    ``vllm_mode="colocate"``).  On CPU (tests, development) the KV cache takes
+    ``CPU_KV_CACHE_BYTES`` (1 GiB) per engine."""
 
     name = "vllm"
 
@@ -146,8 +147,10 @@ class VLLMEngine:
         kw = {}
         if world_size > 1:  # torchrun: vLLM joins the trainer's process group (RANK, MASTER_*)
             kw["distributed_executor_backend"] = "external_launcher"
-            if not cuda:
-                gpu_memory_utilization /= world_size
+        if not cuda:  # vLLM would reserve gpu_memory_utilization x the node's RAM (and refuse to
+            # start where less is free: a shared machine, several ranks); VLLM_CPU_KVCACHE_SPACE
+            # (GiB) overrides
+            kw["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         self.llm = LLM(model=self._dir.name, tokenizer=self._dir.name, load_format="dummy",
                        dtype="bfloat16" if cuda else "float32", seed=seed,
                        max_model_len=max_model_len or model.config.max_position_embeddings,
