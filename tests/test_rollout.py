@@ -214,3 +214,21 @@ def test_rollout_is_on_with_hf_logs_a_tiny_mismatch(tmp_path, shaping):
     for m in stepped:  # the same model in both: only float32 round-off differs
         assert m["rollout/logp_diff_max"] < 1e-3
         assert m["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bad_eval_rollout_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--eval-rollout", "sglang", "--steps", "1", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert "error: invalid --eval-rollout 'sglang': choose one of hf, vllm, auto" in capsys.readouterr().err
+
+
+def test_eval_rollout_hf_is_the_default_eval(tmp_path):
+    """``--eval-rollout hf`` (the engine object the eval decodes with) gives the same held-out
+    numbers as the default (the training engine, hf)."""
+    common = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--eval-size", "6",
+              "--device", "cpu", "--no-plot", "--no-progress", "--no-save"]
+    main([*common, "--out-dir", str(tmp_path / "a")])
+    main([*common, "--eval-rollout", "hf", "--out-dir", str(tmp_path / "b")])
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert a["eval_before"] == b["eval_before"] and a["eval_after"] == b["eval_after"]

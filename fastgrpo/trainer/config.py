@@ -95,8 +95,8 @@ class TrainConfig:
     top_p: float = _f(1.0, "nucleus sampling threshold")
     gen_batch_size: int = _f(128, "sequences generated together")
     rollout: str = _f("hf", "rollout engine: hf (transformers, one prefill per prompt shared by its G "
-                            "samples) | vllm (vLLM's offline LLM in this process, weights pushed "
-                            "after each step; pip install -e '.[vllm]') | auto (vllm on CUDA when "
+                            "samples) | vllm (vLLM's offline LLM in this process, one per rank under "
+                            "torchrun, weights pushed after each step; pip install -e '.[vllm]') | auto (vllm on CUDA when "
                             "installed, else hf)")
     eval_rollout: str = _f("", "engine of the held-out greedy evals: hf | vllm | auto (default: the "
                                "training engine, --rollout)")
