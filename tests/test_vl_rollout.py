@@ -82,7 +82,9 @@ def test_sampling_logp_equals_a_full_forward(family, one_thread):
         ids = torch.tensor([s.prompt_ids + s.completion_ids])
         with torch.no_grad():   # the model's own forward: its own mrope positions
             logits = model(input_ids=ids, **adapter.forward_inputs(ids, s.prompt_inputs)).logits
-        logits[..., adapter.banned_token_ids] = -float("inf")   # image tokens never sampled
+        assert not set(adapter.banned_token_ids) & set(s.completion_ids)  # never sampled
+        # the policy's whole distribution (the trainer's loss; the ratio's numerator), not the
+        # one renormalised without the image tokens
         lp = torch.log_softmax(logits[0].double() / 1.3, -1)
         n = len(s.prompt_ids)
         want = lp[n - 1:-1].gather(1, torch.tensor(s.completion_ids)[:, None])[:, 0]

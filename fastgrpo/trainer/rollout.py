@@ -235,19 +235,24 @@ class _Shaping:
 
 
 def pick_token(logits: torch.Tensor, temperature: float | None, top_p: float,
-          shaping: _Shaping | None = None, seen: torch.Tensor | None = None):
+          shaping: _Shaping | None = None, seen: torch.Tensor | None = None,
+          ban: torch.Tensor | None = None):
     """Next tokens from float32 logits ``[B, V]`` and their log-probs at ``temperature``
-    (greedy when ``temperature`` is None: the log-probs at temperature 1)."""
+    (greedy when ``temperature`` is None: the log-probs at temperature 1).  The log-probs are
+    the policy's whole distribution, before ``ban`` (token ids never sampled: a VL model's image
+    tokens), top-p and the shaping options, as the trainer's loss computes them."""
     if temperature is None:
-        tok = logits.argmax(-1)
+        tok = (logits if ban is None else logits.index_fill(1, ban, -float("inf"))).argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
     scaled = logits if temperature == 1.0 else logits / temperature
-    if top_p >= 1.0 and (shaping is None or not shaping.active(seen)):
+    if top_p >= 1.0 and ban is None and (shaping is None or not shaping.active(seen)):
         # one softmax pass serves the sample and its log-prob (large vocabularies)
         probs = scaled.softmax(-1)
         tok = torch.multinomial(probs, 1)
         return tok[:, 0], probs.gather(1, tok)[:, 0].log()
     logp = torch.log_softmax(scaled, -1)
+    if ban is not None:
+        scaled = scaled.index_fill(1, ban, -float("inf"))
     if shaping is not None:
         scaled = shaping.penalize(scaled, seen)
     if top_p < 1.0:  # as transformers' TopPLogitsWarper: drop the tail of mass <= 1 - top_p
@@ -288,8 +293,6 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
                 use_cache=True, logits_to_keep=1, **{key: cache}, **extra)
     logits = out.logits[:, -1].float()
     ban = None if vision is None else torch.tensor(vision.banned_token_ids, device=device)
-    if ban is not None:  # image tokens are never sampled
-        logits[:, ban] = -float("inf")
     if group_size > 1:  # the prompt's cache, once per sample
         cache.batch_repeat_interleave(group_size)
         logits, att = logits.repeat_interleave(group_size, 0), att.repeat_interleave(group_size, 0)
@@ -306,7 +309,8 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
         count.scatter_add_(1, inp.repeat_interleave(group_size, 0), att.int())  # att: n rows already
         seen = count > 0
     for t in range(max_new_tokens):
-        tok, lp = pick_token(logits, temperature, top_p, shaping, None if seen is None else seen[alive])
+        tok, lp = pick_token(logits, temperature, top_p, shaping, None if seen is None else seen[alive],
+                             ban)  # image tokens are never sampled
         toks[alive, t], lps[alive, t] = tok, lp
         length[alive] = t + 1
         if seen is not None:
@@ -325,8 +329,6 @@ def _decode(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
                     position_ids=next_pos[:, None], use_cache=True, **{key: cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
-        if ban is not None:
-            logits[:, ban] = -float("inf")
     length = length.tolist()
     return ([row[:m] for row, m in zip(toks.tolist(), length)],
             [row[:m] for row, m in zip(lps.tolist(), length)])
