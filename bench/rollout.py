@@ -129,7 +129,8 @@ def _rank_case(case: str, smoke: bool):
         train, evals = task.load_data(cfg)
         model, tok = load_model(task.checkpoint)
         vision = setup_vision(cfg, model, tok, train, evals)
-        prompts, kw = vision.generate_kwargs(train[:2 if smoke else 8], task.encode)
+        prompts, kw = vision.generate_kwargs(train[:2 if smoke else 8], task.encode, images=True)
+        kw["max_images"] = vision.max_images
         return model, tok, prompts, kw, 4, 8 if smoke else cfg.max_new_tokens
     raise ValueError(f"unknown case {case!r}")
 
@@ -144,16 +145,12 @@ def rank_worker(engine: str, case: str, rounds: int, smoke: bool, out: str) -> N
     model, tok, prompts, kw, g, new = _rank_case(case, smoke)
     mine = D.groups_for_rank(len(prompts), info.rank, info.world_size)
     kw = {k: [v[i] for i in mine] if isinstance(v, list) else v for k, v in kw.items()}
-    if engine == "vllm":
-        if kw:  # VL on vLLM: runs once VLLMEngine.generate takes prompt_inputs / vision
-            import inspect
-            if "vision" not in inspect.signature(VLLMEngine.generate).parameters:
-                if info.is_main:
-                    Path(out).write_text(json.dumps({"skipped": "VLLMEngine takes no VL prompts yet"}))
-                D.cleanup_distributed()
-                return
-        eng = VLLMEngine(model, tok, seed=info.rank, world_size=info.world_size)
+    max_images = kw.pop("max_images", 1)
+    if engine == "vllm":  # VL: the engine gets the adapter, generate the prompts' PIL images
+        eng = VLLMEngine(model, tok, seed=info.rank, world_size=info.world_size,
+                         vision=kw.get("vision"), max_images=max_images)
     else:
+        kw.pop("images", None)
         eng = HFEngine(model, tok)
     run = lambda: eng.generate([prompts[i] for i in mine], group_size=g, max_new_tokens=new,  # noqa: E731
                                temperature=1.0, **kw)
@@ -215,9 +212,6 @@ def ranks_table(results: list[dict]) -> str:
     lines = ["| case | engine | ranks | tokens | CPU s | tokens / CPU s | wall s | load |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if "skipped" in r:
-            lines.append(f"| {r['case']} | {r['engine']} | {r['ranks']} | {r['skipped']} ||||| ")
-            continue
         lines.append(f"| {r['case']} | {r['engine']} | {r['ranks']} | {r['tokens']:.0f} | "
                      f"{r['cpu_s']:.1f} | {r['tokens_per_cpu_s']:.0f} | {r['wall_s']:.1f} | {r['load']} |")
     return "\n".join(lines)
