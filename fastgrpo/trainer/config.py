@@ -127,6 +127,9 @@ class TrainConfig:
                                               "8192-token rows: +20%% learning-step time for -4%% peak RSS, "
                                               "the model and AdamW state dominate; pays off on long rows)")
     bf16: bool = _f(True, "bf16 autocast for the backbone (CUDA only; ignored on CPU)")
+    cpu_bf16: bool = _f(False, "bf16 autocast on CPU too: the backbone, the rollouts and the evals (CPUs with "
+                                "AMX / AVX512-bf16: SmolLM2-135M steps ~2x faster); the fused loss keeps fp32 "
+                                "accumulation and the weights and AdamW state stay fp32")
     # loss
     loss_type: str = _f("grpo", "objective and normalisation: grpo (sequence mean, then mean over "
                                 "sequences: StepGRPO as published) | bnpo (token mean over this "

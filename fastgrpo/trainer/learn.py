@@ -42,7 +42,7 @@ def batch_logprobs(model, batches: list[MicroBatch], cfg: TrainConfig) -> list[t
     """Per-token log-probs ``[L]`` of each micro-batch (forward only, fused kernel)."""
     out = []
     for mb in batches:
-        hidden, weight = policy_hidden_states(model, mb, bf16=cfg.bf16)
+        hidden, weight = policy_hidden_states(model, mb, bf16=cfg.bf16, cpu_bf16=cfg.cpu_bf16)
         out.append(fused_logprobs(hidden, weight, mb.targets, temperature=cfg.temperature,
                                   ignore_index=mb.ignore_index, backend=cfg.backend))
     return out
@@ -117,7 +117,7 @@ class _MetricSums:
 
 
 def _loss(policy, mb: MicroBatch, cfg: TrainConfig, normalizer: float):
-    hidden, weight = policy_hidden_states(policy, mb, bf16=cfg.bf16)
+    hidden, weight = policy_hidden_states(policy, mb, bf16=cfg.bf16, cpu_bf16=cfg.cpu_bf16)
     return grpo_loss(hidden, weight, mb.targets, mb.advantages, cu_seqlens=mb.cu_seqlens,
                      old_logp=mb.extras.get("old_logp"), ref_logp=mb.extras.get("ref_logp"),
                      num_items_in_batch=normalizer, config=cfg.loss_config(),

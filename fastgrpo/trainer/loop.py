@@ -88,7 +88,7 @@ from fastgrpo.trainer.identity import run_identity
 from fastgrpo.trainer.learn import NO_UPDATE_METRICS, batch_logprobs, lr_at, optimize
 from fastgrpo.trainer.logs import Progress, RunLog, peak_memory_mb
 from fastgrpo.trainer.packing import MicroBatch, balance_microbatches, pack_bins
-from fastgrpo.trainer.policy import gather_for_generation
+from fastgrpo.trainer.policy import bf16_autocast, gather_for_generation
 from fastgrpo.trainer.requirements import check_dependencies
 from fastgrpo.trainer.rollout import Rollout
 from fastgrpo.trainer.sample import Sample
@@ -127,7 +127,7 @@ def _rollout(r: RunState, step: int) -> Rollout:
     idx = r.prompts.take(cfg.prompts_per_step)
     mine = [idx[g] for g in dist_.groups_for_rank(len(idx), r.info.rank, r.info.world_size)]
     error = None
-    with gather_for_generation(r.policy):
+    with gather_for_generation(r.policy), bf16_autocast(r.device, cpu_bf16=cfg.cpu_bf16):
         try:
             r.engine.wake()
             r.engine.sync_weights(r.model)  # the weights after the last optimizer step

@@ -213,14 +213,25 @@ def as_policy(model: torch.nn.Module) -> torch.nn.Module:
     return PolicyHiddenStates(unwrap_model(model))
 
 
-def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool = False):
+def bf16_autocast(device, *, bf16: bool = False, cpu_bf16: bool = False):
+    """bf16 autocast on ``device``: CUDA when ``bf16`` (``--bf16``), CPU when ``cpu_bf16``
+    (``--cpu-bf16``); otherwise a no-op context."""
+    device = torch.device(device)
+    on = (bf16 and device.type == "cuda") or (cpu_bf16 and device.type == "cpu")
+    return torch.autocast(device.type if device.type in ("cuda", "cpu") else "cpu",
+                          dtype=torch.bfloat16, enabled=on)
+
+
+def policy_hidden_states(model: torch.nn.Module, mb: MicroBatch, *, bf16: bool = False,
+                         cpu_bf16: bool = False):
     """``(hidden [L, D], lm_head weight [V, D])`` of a packed micro-batch, the weight in the
     hidden states' dtype.  ``model``: a causal LM, or the result of :func:`wrap_model` (its
-    forward must run, so that DDP / FSDP2 see it).  ``bf16``: autocast the backbone (CUDA)."""
+    forward must run, so that DDP / FSDP2 see it).  ``bf16``: autocast the backbone (CUDA);
+    ``cpu_bf16``: the same on CPU."""
     policy = as_policy(model)
     device = mb.input_ids.device
     shared = _shared_row(policy, mb)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+    with bf16_autocast(device, bf16=bf16, cpu_bf16=cpu_bf16):
         if shared is not None:  # each prompt once, its completions after it (trainer.prefix)
             hidden, weight = policy(shared.input_ids, shared.position_ids,
                                     shared_prefix_groups=shared.groups)

@@ -16,7 +16,7 @@ from fastgrpo.trainer import distributed as dist_
 from fastgrpo.trainer.checkpoint import save_checkpoint
 from fastgrpo.trainer.config import TrainConfig
 from fastgrpo.trainer.identity import run_identity
-from fastgrpo.trainer.policy import gather_for_generation
+from fastgrpo.trainer.policy import bf16_autocast, gather_for_generation
 from fastgrpo.trainer.prompts import PromptOrder
 from fastgrpo.trainer.task import Task
 
@@ -64,7 +64,7 @@ class RunState:
         return self.prompt_cache[i]
 
     def evaluate(self) -> dict:
-        with gather_for_generation(self.policy):
+        with gather_for_generation(self.policy), bf16_autocast(self.device, cpu_bf16=self.cfg.cpu_bf16):
             if not self.evaluator:
                 return {}
             engine = getattr(self.task, "eval_engine", None)  # --eval-rollout

@@ -50,11 +50,12 @@ def sft_sequences(model, prompts: list[list[int]], comps: list[list[int]], *, st
 
 def sft_step(model, weight, opt, prompts: list[list[int]], comps: list[list[int]],
              micro_batch_tokens: int, loss_masks=None, grad_clip: float = 1.0,
-             device=None) -> float:
+             device=None, cpu_bf16: bool = False) -> float:
     """One optimizer step of completion-only SFT on these sequences, packed into micro-batches
     of ``micro_batch_tokens`` (restarting position ids), through the backbone and the fused
     log-prob kernel (never the ``[tokens x vocab]`` logits); the loss is the token mean over the
-    whole batch.  Returns it."""
+    whole batch.  Returns it.  ``cpu_bf16``: the backbone under CPU bf16 autocast (the fused
+    kernel then takes bf16 operands and accumulates in fp32)."""
     batches = pack_sequences(prompts, comps, None, max_tokens=micro_batch_tokens, loss_masks=loss_masks)
     n_tok = sum(mb.num_loss_tokens for mb in batches)
     opt.zero_grad(set_to_none=True)
@@ -62,9 +63,10 @@ def sft_step(model, weight, opt, prompts: list[list[int]], comps: list[list[int]
     for mb in batches:  # token-mean over the whole batch, accumulated per micro-batch
         if device is not None:
             mb = mb.to(device)
-        hidden = backbone_hidden_states(model, mb.input_ids, position_ids=mb.position_ids,
-                                        cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)[0]
-        logp = fused_logprobs(hidden, weight, mb.targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16 and mb.input_ids.device.type == "cpu"):
+            hidden = backbone_hidden_states(model, mb.input_ids, position_ids=mb.position_ids,
+                                            cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)[0]
+        logp = fused_logprobs(hidden, weight.to(hidden.dtype), mb.targets)
         mb_loss = -(logp * (mb.targets != -100)).sum() / n_tok
         mb_loss.backward()
         loss += mb_loss.detach()

@@ -47,7 +47,7 @@ from fastgrpo.trainer.checkpoint import (CheckpointError, capture_rng_state, loa
 from fastgrpo.trainer.config import ConfigError, TrainConfig
 from fastgrpo.trainer.evaluation import build_reward_set, evaluate
 from fastgrpo.trainer.learn import lr_at
-from fastgrpo.trainer.policy import apply_lora, load_model, save_lora
+from fastgrpo.trainer.policy import apply_lora, bf16_autocast, load_model, save_lora
 from fastgrpo.trainer.presets import PRESETS
 from fastgrpo.trainer.prompting import make_encoder, resolve_layout, system_prompt
 from fastgrpo.trainer.prompts import PromptOrder
@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seed (data order, dropout)")
     a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--cpu-bf16", action="store_true", help="bf16 autocast on CPU (the backbone and the eval; "
+                                               "AMX / AVX512-bf16 CPUs: ~2x faster); weights and "
+                                               "AdamW state stay fp32")
     return ap
 
 
@@ -194,7 +197,8 @@ def _train(args, cfg, model, tok, weight, opt, order, prompts, comps, out: Path,
             g["lr"] = lr_at(step, cfg)
         idx = order.take(args.batch_size)
         losses.append(sft_step(model, weight, opt, [prompts[i] for i in idx], [comps[i] for i in idx],
-                               args.micro_batch_tokens, grad_clip=args.grad_clip, device=device))
+                               args.micro_batch_tokens, grad_clip=args.grad_clip, device=device,
+                               cpu_bf16=args.cpu_bf16))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"SFT loss is not finite at step {step + 1}; lower --lr")
         if step % 10 == 0 or step == args.steps - 1:
@@ -251,7 +255,7 @@ def run(args) -> dict:
         start, losses = int(extra["step"]), list(extra.get("losses", []))
         print(f"resuming from checkpoint {path} (step {start} of {args.steps})", file=sys.stderr)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _train(args, cfg, model, tok, weight, opt, order, prompts, comps, out, options, start, losses, device)
     seconds = time.perf_counter() - t0
     if args.lora_r:
@@ -261,12 +265,16 @@ def run(args) -> dict:
     tok.save_pretrained(out)
     (out / "args.json").write_text(json.dumps(options, indent=2) + "\n")
     summary = {"sft_steps": args.steps, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "seconds": round(seconds, 1)}
+               "last_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
+               "cpu_seconds": round(time.process_time() - c0, 1)}
     if evals:
         layout = resolve_layout(args.layout)
-        ev = evaluate(model, tok, evals, build_reward_set(cfg, layout), cfg, encode)
+        with bf16_autocast(device, cpu_bf16=args.cpu_bf16):
+            ev = evaluate(model, tok, evals, build_reward_set(cfg, layout), cfg, encode)
         summary.update({"eval_accuracy": ev["accuracy"], "eval_validity": ev["validity"],
                         "eval_rows": len(evals)})
+    summary["cpu_seconds_with_eval"] = round(time.process_time() - c0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     print(f"saved to {out}", file=sys.stderr)
     return summary
