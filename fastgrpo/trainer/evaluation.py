@@ -55,8 +55,8 @@ def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: Tra
     """Greedy held-out accuracy and layout validity (the reward set's accuracy / step_rvr).
     ``encode(tokenizer, prompt) -> ids`` (default ``tasks.tokenizer.encode_prompt``);
     ``vision``: the run's ``trainer.vision.VisionRun`` (the rows' images in the prompts);
-    ``engine``: the rollout engine that decodes (``--eval-rollout``, its weights synced; default
-    :func:`~fastgrpo.trainer.rollout.generate` on ``model``)."""
+    ``engine``: the rollout engine that decodes (``--eval-rollout``, its weights synced); the hf
+    engine (or None) is :func:`~fastgrpo.trainer.rollout.generate` on ``model``."""
     if not rows:
         return {"accuracy": math.nan, "validity": math.nan}
     encode = encode or encode_prompt
@@ -67,7 +67,7 @@ def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: Tra
     else:
         prompts = [encode(tokenizer, r["prompt"]) for r in rows]
     stop = {"stop": cfg.stop} if cfg.stop else {}
-    if engine is None:
+    if getattr(engine, "name", "hf") == "hf":
         ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, **stop, **vkw)
     else:
