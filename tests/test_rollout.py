@@ -1,6 +1,7 @@
 """Rollouts: the shared-prefill hf engine against ``model.generate``, its samples' distribution
 and log-probs, the engine interface, and the truncated importance-sampling correction."""
 
+import importlib.util
 import json
 import math
 
@@ -12,7 +13,7 @@ from fastgrpo.tasks.tiny_model import build_tiny_model
 from fastgrpo.tasks.tokenizer import encode_prompt
 from fastgrpo.trainer.config import ConfigError, TrainConfig
 from fastgrpo.trainer.correction import apply_tis, engine_logp
-from fastgrpo.trainer.engines import HFEngine, make_engine, select_engine
+from fastgrpo.trainer.engines import HFEngine, make_engine, make_eval_engine, select_engine
 from fastgrpo.trainer.loop import main
 from fastgrpo.trainer.packing import pack_bins
 from fastgrpo.trainer.policy import load_model
@@ -120,10 +121,24 @@ def test_top_p_never_samples_outside_the_nucleus(tok_random):
     assert seen <= nucleus and len(seen) == len(nucleus)
 
 
-def test_sampling_logp_equals_a_full_forward(tok_random):
+def test_top_k_alone_samples_the_k_most_likely(tok_random):
+    model, tok, prompts = tok_random  # top-p 1: the one-softmax fast path must not skip top-k
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([prompts[0]])).logits[0, -1].double(), -1)
+    top = set(p.topk(3).indices.tolist())
+    torch.manual_seed(0)
+    ro = generate(model, tok, prompts[:1], group_size=300, max_new_tokens=1, top_k=3, batch_size=300)
+    assert {s.completion_ids[0] for s in ro.samples} == top
+
+
+@pytest.mark.parametrize("shaping", [{}, {"top_p": 0.9}, {"top_k": 5}, {"min_p": 0.1},
+                                     {"repetition_penalty": 1.3, "top_p": 0.8}])
+def test_sampling_logp_equals_a_full_forward(tok_random, shaping):
+    """The engine's log-probs are the policy's at the temperature, before any truncation or
+    penalty: the importance ratio is 1 on-policy (to float32 round-off) whatever the shaping."""
     model, tok, prompts = tok_random
     torch.manual_seed(0)
-    ro = generate(model, tok, prompts, group_size=4, max_new_tokens=10, temperature=1.3)
+    ro = generate(model, tok, prompts, group_size=4, max_new_tokens=10, temperature=1.3, **shaping)
     for s in ro.samples:
         ids = torch.tensor([s.prompt_ids + s.completion_ids])
         with torch.no_grad():
@@ -143,8 +158,14 @@ def test_engine_selection_and_errors(tok_random):
         make_engine(TrainConfig(rollout="sglang"), model, tok, "cpu")
     with pytest.raises(ConfigError, match="--rollout-is-cap"):
         make_engine(TrainConfig(rollout_is_cap=0.5), model, tok, "cpu")
-    with pytest.raises(ConfigError, match="--rollout vllm"):
-        make_engine(TrainConfig(rollout="vllm"), model, tok, "cpu", world_size=2)
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="--rollout vllm: vLLM is not installed"):
+            make_engine(TrainConfig(rollout="vllm"), model, tok, "cpu", world_size=2)
+        with pytest.raises(ConfigError, match="--eval-rollout vllm: vLLM is not installed"):
+            make_eval_engine(TrainConfig(eval_rollout="vllm"), HFEngine(model, tok), model, tok, "cpu")
+    hf = make_engine(TrainConfig(), model, tok, "cpu")
+    assert make_eval_engine(TrainConfig(), hf, model, tok, "cpu") is hf
+    assert make_eval_engine(TrainConfig(eval_rollout="hf"), hf, model, tok, "cpu") is hf
 
 
 def test_tis_weights_against_float64():
@@ -179,13 +200,35 @@ def test_tis_weights_against_float64():
     assert 0 < m["rollout/is_capped_frac"] < 1
 
 
-def test_rollout_is_on_with_hf_logs_a_tiny_mismatch(tmp_path):
+@pytest.mark.parametrize("shaping", [[], ["--top-p", "0.9"], ["--top-k", "5"]])
+def test_rollout_is_on_with_hf_logs_a_tiny_mismatch(tmp_path, shaping):
+    """On-policy (the weights the samples came from), the truncated-IS ratio is 1 to float32
+    round-off, with top-p / top-k too (a nucleus-renormalised log-prob would be off by the log
+    of the nucleus mass: up to 0.1 at top-p 0.9)."""
     main(["--steps", "2", "--prompts-per-step", "3", "--group-size", "3", "--eval-size", "2",
           "--temperature", "1.5", "--device", "cpu", "--no-plot", "--no-progress", "--no-save",
-          "--rollout-is", "on", "--out-dir", str(tmp_path)])
+          "--rollout-is", "on", "--out-dir", str(tmp_path), *shaping])
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     stepped = [m for m in lines if "rollout/logp_diff_mean" in m]
     assert stepped, lines
     for m in stepped:  # the same model in both: only float32 round-off differs
         assert m["rollout/logp_diff_max"] < 1e-3
         assert m["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bad_eval_rollout_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--eval-rollout", "sglang", "--steps", "1", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert "error: invalid --eval-rollout 'sglang': choose one of hf, vllm, auto" in capsys.readouterr().err
+
+
+def test_eval_rollout_hf_is_the_default_eval(tmp_path):
+    """``--eval-rollout hf`` (the engine object the eval decodes with) gives the same held-out
+    numbers as the default (the training engine, hf)."""
+    common = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--eval-size", "6",
+              "--device", "cpu", "--no-plot", "--no-progress", "--no-save"]
+    main([*common, "--out-dir", str(tmp_path / "a")])
+    main([*common, "--eval-rollout", "hf", "--out-dir", str(tmp_path / "b")])
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert a["eval_before"] == b["eval_before"] and a["eval_after"] == b["eval_after"]

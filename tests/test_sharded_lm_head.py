@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from fastgrpo import fused_logprobs, grpo_loss
-from gloo_helpers import free_port, spawn_gloo
+from fastgrpo.ops.sharded import cast_weight
+from gloo_helpers import spawn_gloo
 
 VOCAB, B, T = 96, 4, 10
 
@@ -40,10 +41,11 @@ def _batch():
 
 
 def _loss(model, ids, attn, mask, adv, old, weight_of):
-    """grpo_loss (two-pass, sequence-level ratio: per-rank mean over its sequences) plus a
-    fused_logprobs term (entropy summed per sequence, averaged over sequences)."""
+    """grpo_loss (two-pass, sequence-level ratio: per-rank mean over its sequences) plus
+    fused_logprobs terms (entropy and log-probs summed per sequence, averaged over sequences;
+    once through a float64 cast of the weight)."""
     from fastgrpo.integrations.trl import _install_backbone_forward
-    _install_backbone_forward(model)
+    _install_backbone_forward(getattr(model, "module", model))   # a DeepSpeed engine's module
     hidden = model(input_ids=ids, attention_mask=attn, fastgrpo_backbone=True).last_hidden_state
     hidden = hidden[:, :-1]
     weight = weight_of(model)
@@ -54,18 +56,39 @@ def _loss(model, ids, attn, mask, adv, old, weight_of):
                            importance_sampling_level="sequence", loss_type="grpo")
     logp, ent = fused_logprobs(hidden, weight, torch.where(mask.bool(), targets, -100),
                                return_entropy=True)
-    return loss + loss_tl + 0.01 * (ent.sum() + logp.sum()) / ids.shape[0], weight
+    # a cast weight (TRL's cast_lm_head_to_fp32 / autocast path): float64 here
+    logp64 = fused_logprobs(hidden.double(), cast_weight(weight, torch.float64), targets,
+                            temperature=1.3)
+    extra = ent.sum() + logp.sum() + logp64.float().sum()
+    return loss + loss_tl + 0.01 * extra / ids.shape[0], weight
 
+
+def _reference(tied):
+    """The 1-process run on the whole batch: the batch, the loss, every parameter's gradient."""
+    from fastgrpo.hf import lm_head_weight
+    batch = _batch()
+    ref = _model(tied)
+    loss, _ = _loss(ref, *batch, lm_head_weight)
+    loss.backward()
+    return batch, loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def assert_equals_one_process(loss, grads, ref_loss, ref_grads, world):
+    """This rank's loss averaged over the ranks, and the whole gradients, equal the 1-process
+    run's (each rank's loss is the mean over its share of the batch)."""
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / world, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        scale = float(ref_grads[n].abs().max())
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale + 1e-9,
+                                   msg=lambda m, n=n: f"{n}: {m}")
 
 def _check(rank, world, tied):
     from torch.distributed.fsdp import fully_shard
     from fastgrpo.hf import lm_head_weight
-    ids, attn, mask, adv, old = _batch()
-    # 1 process, whole batch
-    ref = _model(tied)
-    ref_loss, _ = _loss(ref, ids, attn, mask, adv, old, lm_head_weight)
-    ref_loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    (ids, attn, mask, adv, old), ref_loss, ref_grads = _reference(tied)
 
     model = _model(tied)
     for layer in model.model.layers:
@@ -82,18 +105,11 @@ def _check(rank, world, tied):
     loss, w = _loss(model, ids[rows], attn[rows], mask[rows], adv[rows], old[rows], weight_of)
     assert seen == ["DTensor"], seen          # the sharded parameter itself reached the op
     loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-    names = []
     for n, p in model.named_parameters():
         assert type(p.grad).__name__ == "DTensor" and p.grad.placements == p.placements, n
-        g = p.grad.full_tensor()
-        scale = float(ref_grads[n].abs().max())
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, n=n: f"{n}: {m}")
-        names.append(n)
-    assert ("lm_head.weight" in names) != tied and len(names) == len(ref_grads)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    assert ("lm_head.weight" in grads) != tied
+    assert_equals_one_process(loss, grads, ref_loss, ref_grads, world)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -101,38 +117,63 @@ def test_fsdp2_sharded_lm_head_equals_one_process(tied):
     spawn_gloo(_check, 2, tied)
 
 
-ZERO3 = r'''
-import os, torch
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0", DS_ACCELERATOR="cpu")
-import deepspeed
-from fastgrpo import fused_logprobs
-deepspeed.init_distributed(dist_backend="gloo")
-head = torch.nn.Linear(16, 40, bias=False)
-cfg = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}},
-       "zero_allow_untested_optimizer": True,
-       "optimizer": {{"type": "SGD", "params": {{"lr": 0.1}}}}}}
-engine, *_ = deepspeed.initialize(model=head, config=cfg, model_parameters=head.parameters())
-w = engine.module.weight                       # read outside the forward: partitioned
-try:
-    fused_logprobs(torch.randn(3, 16), w, torch.tensor([1, 2, 3]))
-except ValueError as e:
-    print("REFUSED:", e)
-'''
-
-
-def test_deepspeed_zero3_partitioned_weight_is_refused(tmp_path):
-    """Where DeepSpeed installs (CI's peers environment; it runs ZeRO-3 on CPU with gloo), a
-    ZeRO-3 partitioned lm_head weight is refused with an error naming it."""
-    import subprocess
-    import sys
-    if os.environ.get("FASTGRPO_REQUIRE_PEERS") != "1":   # CI's peers leg: must run
+def _need_deepspeed():
+    """DeepSpeed installs in CI's peers environment (it runs ZeRO-3 on CPU with gloo): there the
+    tests must run, elsewhere they skip."""
+    if os.environ.get("FASTGRPO_REQUIRE_PEERS") != "1":
         pytest.importorskip("deepspeed")
-    script = tmp_path / "zero3.py"
-    script.write_text(ZERO3.format(port=free_port()))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "REFUSED: weight is a DeepSpeed ZeRO-3 partitioned parameter (full shape (40, 16)" \
-        in r.stdout, r.stdout[-2000:]
+
+
+def zero3_engine(model):
+    """``model`` inside a DeepSpeed ZeRO-3 engine on CPU: every parameter partitioned (no
+    persistence threshold), plain SGD, fp32."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
+    import deepspeed
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                 "stage3_model_persistence_threshold": 0},
+           "zero_allow_untested_optimizer": True,
+           "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                      model_parameters=model.parameters())
+    return engine
+
+
+def zero3_full_grads(engine) -> dict:
+    """Every parameter's whole gradient after ``engine.backward`` (a collective: all ranks)."""
+    from deepspeed.utils import safe_get_full_grad
+    return {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def _check_zero3(rank, world, tied):
+    from fastgrpo.hf import lm_head_weight
+    from fastgrpo.ops.sharded import is_partitioned
+    (ids, attn, mask, adv, old), ref_loss, ref_grads = _reference(tied)
+
+    engine = zero3_engine(_model(tied))
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    seen = []
+
+    def weight_of(m):
+        w = lm_head_weight(m)
+        seen.append((is_partitioned(w), w.numel(), tuple(w.ds_shape)))
+        return w
+
+    loss, w = _loss(engine, ids[rows], attn[rows], mask[rows], adv[rows], old[rows], weight_of)
+    assert seen == [(True, 0, (VOCAB, 32))], seen   # the partitioned parameter (no data here)
+    engine.backward(loss)
+    assert is_partitioned(w) and w.numel() == 0          # partitioned again after the backward
+    grads = zero3_full_grads(engine)
+    assert ("lm_head.weight" in grads) != tied
+    assert_equals_one_process(loss, grads, ref_loss, ref_grads, world)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_deepspeed_zero3_partitioned_lm_head_equals_one_process(tied):
+    """A DeepSpeed ZeRO-3 engine (CPU, gloo, 2 processes), the lm_head weight read outside the
+    model's forward (partitioned: an empty tensor), each rank half the batch: the op gathers it
+    for its forward and its backward, and the loss and every parameter's gradient (ZeRO-3's own
+    reduce-scattered partitions, gathered back) equal the 1-process run on the whole batch."""
+    _need_deepspeed()
+    spawn_gloo(_check_zero3, 2, tied)

@@ -369,3 +369,29 @@ def test_verl_config_values_register_the_backend(tmp_path):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "REGISTERED True True True fastgrpo" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_verl_qwen2_vl_forward_imports():
+    """verl's Qwen2-VL / Qwen2.5-VL forward (``verl/models/transformers/qwen2_vl.py``, which its
+    ``apply_monkey_patch`` imports for those models whatever the backend) does not import with
+    the transformers fastgrpo needs: verl 0.9.1 declares transformers>=5.5.3,<5.11, fastgrpo
+    >=5.25, and 5.25 has no ``Qwen2VLCausalLMOutputWithPast``.  Recorded as an expected failure
+    naming the error and versions; any other outcome fails: another import error, or the module
+    importing (then the VL comparison with verl's own paths is to be written, as above)."""
+    why = _verl_importable()
+    if why:
+        if REQUIRE:
+            pytest.fail(f"FASTGRPO_REQUIRE_PEERS=1 but {why}")
+        pytest.skip(why)
+    import transformers
+    import verl
+    try:
+        import verl.models.transformers.qwen2_vl
+    except ImportError as e:
+        if "Qwen2VLCausalLMOutputWithPast" not in str(e):
+            raise
+        pytest.xfail(f"verl {verl.__version__}'s qwen2_vl.py with transformers "
+                     f"{transformers.__version__}: {e}")
+    pytest.fail(f"verl {verl.__version__}'s Qwen2-VL forward imports with transformers "
+                f"{transformers.__version__}: compare it with impl_backend=fastgrpo as "
+                f"test_verl_actor_with_fastgrpo_equals_verl does for Qwen2")

@@ -79,6 +79,7 @@ import torch
 from fastgrpo.hf import backbone_output, lm_head_weight, unwrap_model
 from fastgrpo.ops.loss import LOSS_TYPES, grpo_loss
 from fastgrpo.ops.loss_config import LossConfig
+from fastgrpo.ops.sharded import cast_weight
 
 __all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "check_supported", "SUPPORTED_LOSS_TYPES"]
 
@@ -177,10 +178,11 @@ class _FastGRPOMixin:
         hidden = out.last_hidden_state[:, -t - 1:-1]          # states that predict the completion
         weight = lm_head_weight(self.model)
         hidden = hidden.to(weight.device)
+        # a DeepSpeed ZeRO-3 weight is partitioned here: the op gathers it (ops/sharded.py)
         if self.args.cast_lm_head_to_fp32:
-            hidden, weight = hidden.float(), weight.float()
+            hidden, weight = hidden.float(), cast_weight(weight, torch.float32)
         elif hidden.dtype != weight.dtype:                    # autocast: matmuls in its dtype
-            weight = weight.to(hidden.dtype)
+            weight = cast_weight(weight, hidden.dtype)
 
         advantages, vespo_log_w = self._fastgrpo_advantages(inputs, mask)
         mode = "train" if self.model.training else "eval"

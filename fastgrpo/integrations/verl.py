@@ -16,8 +16,10 @@ registers ``"fastgrpo"`` as one more ``impl_backend``: the same patched forward,
 
 (or ``import fastgrpo.integrations.verl`` / :func:`install` in a process that builds verl's
 engine itself).  Tested with verl's FSDP2 engine on a dense model (``tests/test_verl_actor.py``);
-the VL forwards make the same ``FusedLinearForPPO`` call but verl 0.9.1's ``qwen2_vl.py`` does
-not import with transformers >= 5.11, so they are untested here.  Everything else, the policy loss included, is verl's own code.  verl's other
+the VL forwards make the same ``FusedLinearForPPO`` call, but verl 0.9.1's ``qwen2_vl.py`` fails
+to import with transformers 5.25 (``ImportError: cannot import name
+'Qwen2VLCausalLMOutputWithPast'``; verl 0.9.1 declares transformers<5.11, fastgrpo >=5.25), for
+every backend, so they are untested here (docs/scaling.md).  Everything else, the policy loss included, is verl's own code.  verl's other
 backends (``torch``, ``triton``, ``liger``) are untouched.
 
 Refused: the triton-only ``calculate_sum_pi_squared`` and per-sample temperatures are refused by

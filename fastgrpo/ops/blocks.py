@@ -12,7 +12,6 @@ import os
 import torch
 
 from fastgrpo.ops._native import native as _native
-from fastgrpo.ops.sharded import refuse_partitioned
 
 __all__ = ["linear_forward", "linear_backward", "linear_one_pass", "linear_forward_keep",
            "one_pass_pays", "BACKENDS", "REFERENCE", "validate_inputs", "resolve_backend"]
@@ -60,7 +59,6 @@ def validate_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got "
                         f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
-    refuse_partitioned(weight)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)}")

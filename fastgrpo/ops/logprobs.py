@@ -48,7 +48,7 @@ import torch
 from fastgrpo.ops.blocks import (BACKENDS, REFERENCE, linear_backward, linear_forward,  # noqa: F401
                                  linear_forward_keep, linear_one_pass, one_pass_pays, resolve_backend,
                                  validate_inputs)
-from fastgrpo.ops.sharded import full_weight, sharded_grad
+from fastgrpo.ops.sharded import gathered, gathers_partitioned_weight, sharded_grad
 from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_parallel_logprobs, vocab_range
 
 __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backward",
@@ -57,12 +57,14 @@ __all__ = ["fused_logprobs", "naive_logprobs", "linear_forward", "linear_backwar
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, y, inv_t, backend, keep_logits=False):
-        # w: a plain weight, or an FSDP2-sharded DTensor gathered per pass (ops/sharded.py)
+        # w: a plain weight, an FSDP2-sharded DTensor or a ZeRO-3 partitioned parameter, gathered
+        # per pass (ops/sharded.py)
         logits = None
-        if keep_logits and backend == "torch" and h.shape[0] and any(ctx.needs_input_grad[:2]):
-            logp, ent, lse, logits = linear_forward_keep(h, full_weight(w), y, inv_t)
-        else:
-            logp, ent, lse = linear_forward(h, full_weight(w), y, inv_t, backend)
+        with gathered(w) as wf:
+            if keep_logits and backend == "torch" and h.shape[0] and any(ctx.needs_input_grad[:2]):
+                logp, ent, lse, logits = linear_forward_keep(h, wf, y, inv_t)
+            else:
+                logp, ent, lse = linear_forward(h, wf, y, inv_t, backend)
         ctx.save_for_backward(h, w, y, lse, ent, logits)
         ctx.inv_t, ctx.backend = inv_t, backend
         return logp, ent
@@ -72,11 +74,13 @@ class _FusedLogprobs(torch.autograd.Function):
         h, w, y, lse, ent, logits = ctx.saved_tensors
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         ge = None if g_ent is None else g_ent.float().contiguous()
-        dh, dw = linear_backward(h, full_weight(w), y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
-                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits)
+        with gathered(w, grad_follows=ctx.needs_input_grad[1]) as wf:
+            dh, dw = linear_backward(h, wf, y, lse, ent, gl, ge, ctx.inv_t, ctx.backend,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits)
         return dh, sharded_grad(dw, w), None, None, None, None
 
 
+@gathers_partitioned_weight
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, return_entropy: bool = False,
                    ignore_index: int = -100, backend: str = "auto",

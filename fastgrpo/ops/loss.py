@@ -70,7 +70,7 @@ from fastgrpo.ops.advantages import group_index
 from fastgrpo.ops.blocks import (linear_backward, linear_forward, linear_one_pass, one_pass_pays,
                                  resolve_backend, validate_inputs)
 from fastgrpo.ops.loss_config import IS_LEVELS, LOSS_TYPES, LossConfig, LossConfigError
-from fastgrpo.ops.sharded import full_weight, is_dtensor, sharded_grad
+from fastgrpo.ops.sharded import gathered, gathers_partitioned_weight, is_dtensor, is_zero3, sharded_grad
 from fastgrpo.ops.vocab_parallel import check_vocab_parallel, vocab_parallel_logprobs, vocab_range
 
 __all__ = ["grpo_loss", "FusedGRPOLoss", "LossConfig", "LossConfigError", "LOSS_TYPES", "IS_LEVELS",
@@ -407,8 +407,10 @@ class _FusedGRPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, y, inv_t, backend, objective):
-        # w: a plain weight, or an FSDP2-sharded DTensor gathered per pass (ops/sharded.py)
-        logp, ent, lse = linear_forward(h, full_weight(w), y, inv_t, backend)
+        # w: a plain weight, an FSDP2-sharded DTensor or a ZeRO-3 partitioned parameter, gathered
+        # per pass (ops/sharded.py)
+        with gathered(w) as wf:
+            logp, ent, lse = linear_forward(h, wf, y, inv_t, backend)
         with torch.enable_grad():
             lp = logp.detach().requires_grad_()
             en = ent.detach().requires_grad_()
@@ -423,9 +425,10 @@ class _FusedGRPO(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h, w, y, lse, ent, gl, ge = ctx.saved_tensors
         g = grad_loss.float()
-        dh, dw = linear_backward(h, full_weight(w), y, lse, ent, gl * g,
-                                 None if ge is None else ge * g, ctx.inv_t, ctx.backend,
-                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        with gathered(w, grad_follows=ctx.needs_input_grad[1]) as wf:
+            dh, dw = linear_backward(h, wf, y, lse, ent, gl * g,
+                                     None if ge is None else ge * g, ctx.inv_t, ctx.backend,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dh, sharded_grad(dw, w), None, None, None, None
 
 
@@ -485,6 +488,7 @@ def _objective(cfg: LossConfig, tok, device, num_items_in_batch, group_ids, vesp
                       entropy_mean_divisor=opt(cfg.entropy_mean_divisor))
 
 
+@gathers_partitioned_weight
 def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               advantages, *, completion_mask=None, cu_seqlens=None, old_logp=None, ref_logp=None,
               num_items_in_batch: float | None = None, group_ids=None, vespo_seq_log_weight=None,
@@ -562,7 +566,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         logp, ent = vocab_parallel_logprobs(h_tok, w, y_tok, 1.0 / float(temperature), backend,
                                             vocab_parallel_group, start)
         loss = objective(logp, ent)
-    elif one_pass and objective.token_local and (need_h or need_w) and not is_dtensor(w):
+    elif one_pass and objective.token_local and (need_h or need_w) and not is_dtensor(w) \
+            and not is_zero3(w):   # sharded: two passes, the backward gathers again
         loss = _OnePassGRPO.apply(h_tok, w, y_tok, 1.0 / float(temperature), objective,
                                   need_h, need_w)
     else:

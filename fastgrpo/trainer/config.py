@@ -95,9 +95,11 @@ class TrainConfig:
     top_p: float = _f(1.0, "nucleus sampling threshold")
     gen_batch_size: int = _f(128, "sequences generated together")
     rollout: str = _f("hf", "rollout engine: hf (transformers, one prefill per prompt shared by its G "
-                            "samples) | vllm (vLLM's offline LLM in this process, weights pushed "
-                            "after each step; pip install -e '.[vllm]') | auto (vllm on CUDA when "
+                            "samples) | vllm (vLLM's offline LLM in this process, one per rank under "
+                            "torchrun, weights pushed after each step; pip install -e '.[vllm]') | auto (vllm on CUDA when "
                             "installed, else hf)")
+    eval_rollout: str = _f("", "engine of the held-out greedy evals: hf | vllm | auto (default: the "
+                               "training engine, --rollout)")
     rollout_is: str = _f("auto", "truncated importance sampling on the engine's log-probs: each token's "
                                  "policy loss x min(exp(logp_trainer - logp_engine), --rollout-is-cap), "
                                  "and the mismatch logged: auto (on for vllm) | on | off")
@@ -282,6 +284,8 @@ class TrainConfig:
                 self._bad("device", "choose auto, cpu, cuda, cuda:N or mps")
         if ":" not in self.task and self.task not in builtin_tasks():
             self._bad("task", f"choose one of {', '.join(builtin_tasks())} or give module.path:TASK")
+        if self.eval_rollout not in ("", "hf", "vllm", "auto"):
+            self._bad("eval_rollout", "choose one of hf, vllm, auto (or leave it out: the --rollout engine)")
         if self.rollout_mode not in ROLLOUT_MODES:
             self._bad("rollout_mode", f"choose one of {', '.join(ROLLOUT_MODES)}")
         names = [x.strip() for x in self.report_to.split(",")]

@@ -51,10 +51,12 @@ def columns(rows: list[dict], index: list[int]) -> dict:
 
 
 def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: TrainConfig,
-             encode=None, vision=None) -> dict:
+             encode=None, vision=None, engine=None) -> dict:
     """Greedy held-out accuracy and layout validity (the reward set's accuracy / step_rvr).
     ``encode(tokenizer, prompt) -> ids`` (default ``tasks.tokenizer.encode_prompt``);
-    ``vision``: the run's ``trainer.vision.VisionRun`` (the rows' images in the prompts)."""
+    ``vision``: the run's ``trainer.vision.VisionRun`` (the rows' images in the prompts);
+    ``engine``: the rollout engine that decodes (``--eval-rollout``, its weights synced; default
+    :func:`~fastgrpo.trainer.rollout.generate` on ``model``)."""
     if not rows:
         return {"accuracy": math.nan, "validity": math.nan}
     encode = encode or encode_prompt
@@ -63,9 +65,13 @@ def evaluate(model, tokenizer, rows: list[dict], reward_set: RewardSet, cfg: Tra
         prompts, vkw = vision.generate_kwargs(rows, encode, "eval")
     else:
         prompts = [encode(tokenizer, r["prompt"]) for r in rows]
-    ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
-                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                  stop=cfg.stop, **vkw)
+    stop = {"stop": cfg.stop} if cfg.stop else {}
+    if engine is None:
+        ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
+                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, **stop, **vkw)
+    else:
+        ro = engine.generate(prompts, group_size=1, do_sample=False,
+                             max_new_tokens=cfg.max_new_tokens, **stop, **vkw)
     res = reward_set([r["prompt"] for r in rows], ro.texts, **columns(rows, list(range(len(rows)))))
     stats = res.stats()
     valid = stats.get("step_rvr") or stats["answer_found"]  # the free layout: an answer was found

@@ -17,7 +17,7 @@ __all__ = ["RUNTIME_FIELDS", "identity_fields", "run_identity"]
 RUNTIME_FIELDS = {"resume", "out_dir", "save_every", "keep_last", "progress", "threads", "device",
                   "plot", "save", "sample_every", "eval_every", "eval_size", "gen_batch_size",
                   "micro_batch_tokens", "attn_implementation", "dp_strategy", "backend",
-                  "resume_force", "overwrite", "report_to", "collapse_warn_steps"}
+                  "resume_force", "overwrite", "report_to", "collapse_warn_steps", "eval_rollout"}
 
 
 def identity_fields(config: dict) -> dict:

@@ -81,6 +81,7 @@ from fastgrpo.trainer.checkpoint import (CheckpointError, NonFiniteLossError, ca
 from fastgrpo.trainer.config import ConfigError, TrainConfig, parse_args
 from fastgrpo.trainer.correction import apply_tis
 from fastgrpo.trainer.diskio import WriteError
+from fastgrpo.trainer.engines import close_engines
 from fastgrpo.trainer.evaluation import build_reward_set, columns, evaluate
 from fastgrpo.trainer.finish import finish_run, resume_hint, warn_piece
 from fastgrpo.trainer.identity import run_identity
@@ -431,6 +432,7 @@ def run(cfg: TrainConfig, model=None, tokenizer=None) -> dict:
     finally:
         if r is not None:
             r.task.close()
+            close_engines(r.engine, r.task.eval_engine)  # before the process group goes
         if lock is not None:
             lock.release()
         if owns_group:  # a finished run's ranks meet before the group goes (no rank tears

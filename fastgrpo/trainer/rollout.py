@@ -11,7 +11,8 @@ Prompts are left-padded into batches; the samples come back grouped by prompt
 EOS (the EOS itself is kept, so the policy is trained to stop), with ``truncated`` set for those
 that hit ``max_new_tokens`` without an EOS.  Token ids are exactly as generated (never decoded
 and re-encoded); ``sampling_logp`` holds each token's log-prob under the sampling distribution
-at ``temperature`` (before top-p truncation: the distribution the trainer's loss computes).
+at ``temperature`` (before top-p / top-k / min-p truncation and the repetition penalty: the
+distribution the trainer's loss computes, so the importance ratio is 1 on-policy).
 """
 
 from __future__ import annotations
@@ -198,6 +199,10 @@ class _Shaping:
     stop: list = field(default_factory=list)
     tokenizer: object = None
 
+    def active(self, seen: torch.Tensor | None) -> bool:
+        """Whether :meth:`penalize` changes anything."""
+        return self.top_k > 0 or self.min_p > 0 or (seen is not None and self.repetition_penalty != 1.0)
+
     def penalize(self, scaled: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
         """transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit divided by the
         penalty when positive, multiplied when negative; top-k; min-p (on the probabilities
@@ -237,7 +242,8 @@ def pick_token(logits: torch.Tensor, temperature: float | None, top_p: float,
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
     scaled = logits if temperature == 1.0 else logits / temperature
-    if top_p >= 1.0:  # one softmax pass serves the sample and its log-prob (large vocabularies)
+    if top_p >= 1.0 and (shaping is None or not shaping.active(seen)):
+        # one softmax pass serves the sample and its log-prob (large vocabularies)
         probs = scaled.softmax(-1)
         tok = torch.multinomial(probs, 1)
         return tok[:, 0], probs.gather(1, tok)[:, 0].log()

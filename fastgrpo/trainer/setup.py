@@ -21,7 +21,7 @@ from fastgrpo.trainer.attention import apply_attention, select_attention
 from fastgrpo.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointError, CheckpointMismatchError,
                                          load_checkpoint, resolve_resume)
 from fastgrpo.trainer.config import ConfigError, TrainConfig, explicit_fields, report_targets
-from fastgrpo.trainer.engines import make_engine
+from fastgrpo.trainer.engines import make_engine, make_eval_engine
 from fastgrpo.trainer.identity import identity_fields, run_identity
 from fastgrpo.trainer.outdir import OutDirLock, check_fresh, check_writable
 from fastgrpo.trainer.policy import apply_lora, load_model, wrap_model
@@ -114,10 +114,12 @@ def setup_run(cfg: TrainConfig, model, tokenizer, info: dist_.DistInfo) -> RunSt
     # greedy eval: rank 0 alone, except under FSDP2 where every rank runs it (forwards of
     # sharded modules must stay in step across ranks)
     fsdp = any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in policy.modules())
+    engine = make_engine(cfg, model, tokenizer, device, info.world_size)
+    task.eval_engine = make_eval_engine(cfg, engine, model, tokenizer, device, info.world_size)
     r = RunState(cfg, info, device, out_dir, model, policy, ref_model, tokenizer, optimizer,
                  task.reward_set(cfg, layout), train_rows, eval_rows, encode,
                  PromptOrder(len(train_rows), cfg.seed), evaluator=info.is_main or fsdp,
-                 engine=make_engine(cfg, model, tokenizer, device, info.world_size), vision=vision,
+                 engine=engine, vision=vision,
                  task=task)
     task.bind(r)
     return r

@@ -67,8 +67,16 @@ class RunState:
         with gather_for_generation(self.policy):
             if not self.evaluator:
                 return {}
-            return self.task.evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
-                                      self.cfg, self.encode, self.vision)
+            engine = getattr(self.task, "eval_engine", None)  # --eval-rollout
+            if engine is not None:
+                engine.wake()
+                engine.sync_weights(self.model)
+            try:
+                return self.task.evaluate(self.model, self.tokenizer, self.eval_rows, self.reward_set,
+                                          self.cfg, self.encode, self.vision)
+            finally:
+                if engine is not None:
+                    engine.sleep()
 
     def checkpoint(self, done: int, data_state: dict, rng_states: list[dict], **more) -> Path | None:
         extra = {"data": data_state, "config": dataclasses.asdict(self.cfg),

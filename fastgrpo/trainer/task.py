@@ -54,6 +54,7 @@ class Task:
     rollout = score = advantages = None    # stage hooks: None = the loop's own
     warmup: ClassVar[Callable | None] = None  # warmup(argv): python -m fastgrpo.sft --task NAME
     system_prompt: str = ""                # the run's (--system-prompt, --layout, the preset's)
+    eval_engine = None                     # the held-out evals' engine (--eval-rollout; set up by the trainer)
 
     def configure(self, cfg: TrainConfig) -> TrainConfig:
         """The task's options: ``cli_defaults`` for those not given explicitly."""
@@ -98,7 +99,7 @@ class Task:
         """Called once the run is set up (model, tokenizer, device)."""
 
     def evaluate(self, model, tokenizer, rows, reward_set, cfg, encode, vision=None) -> dict:
-        return evaluate(model, tokenizer, rows, reward_set, cfg, encode, vision)
+        return evaluate(model, tokenizer, rows, reward_set, cfg, encode, vision, engine=self.eval_engine)
 
     def eval_line(self, ev: dict) -> str:
         return f"accuracy {ev['accuracy']:.3f}  validity {ev['validity']:.3f}"

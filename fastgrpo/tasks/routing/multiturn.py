@@ -49,7 +49,7 @@ from fastgrpo.tasks.routing.data import tool_text
 from fastgrpo.trainer.rollout import Rollout, cache_kwarg, left_pad, new_cache, pick_token
 from fastgrpo.trainer.sample import Sample
 
-__all__ = ["STOPS", "TurnSample", "KBTool", "hf_step_fn", "rollout_turns", "score_turns",
+__all__ = ["STOPS", "TurnSample", "KBTool", "hf_step_fn", "engine_step_fn", "rollout_turns", "score_turns",
            "turn_advantages", "turn_metrics"]
 
 STOPS = ("</ret>", "</answer>")
@@ -154,6 +154,20 @@ def hf_step_fn(model, tokenizer, *, max_new_tokens: int, temperature: float = 1.
             if was_training:
                 model.train()
         return out
+
+    return step
+
+
+def engine_step_fn(engine, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                   do_sample: bool = True, stops: Sequence[str] = STOPS) -> StepFn:
+    """The policy's step on a rollout engine (``--rollout vllm``): one ``engine.generate`` per
+    turn on the contexts as token ids, ending at EOS or a stop string (kept)."""
+
+    def step(contexts: list[list[int]]):
+        ro = engine.generate(contexts, group_size=1, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, do_sample=do_sample,
+                             stop=list(stops))
+        return [(s.completion_ids, s.sampling_logp) for s in ro.samples]
 
     return step
 

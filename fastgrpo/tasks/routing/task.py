@@ -27,7 +27,7 @@ from fastgrpo.rewards.retrieval import STEP_TYPES, embedding_similarity
 from fastgrpo.tasks.data import DataError, read_jsonl
 from fastgrpo.tasks.routing import data as T
 from fastgrpo.tasks.routing.data import ROUTING_WARMUP_DIR, build_kbs, make_world
-from fastgrpo.tasks.routing.multiturn import (KBTool, hf_step_fn, rollout_turns, score_turns, turn_advantages,
+from fastgrpo.tasks.routing.multiturn import (KBTool, engine_step_fn, hf_step_fn, rollout_turns, score_turns, turn_advantages,
                                               turn_metrics)
 from fastgrpo.tasks.routing.rewards import offline_metrics, routing_reward_set
 from fastgrpo.tasks.routing.warmup import main as warmup_main
@@ -212,12 +212,17 @@ class RoutingTask(Task):
         if not rows:
             return nan
         if self.online:
-            ro = self._turns(model, tokenizer, rows, list(range(len(rows))), cfg, encode, group_size=1, greedy=True)
+            ro = self._turns(model, tokenizer, rows, list(range(len(rows))), cfg, encode, group_size=1,
+                             greedy=True, engine=self.eval_engine)
             ev = turn_metrics(score_turns(ro.samples, rows, self.similarity))
         else:
             prompts = [encode(tokenizer, r["prompt"]) for r in rows]
-            ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+            if self.eval_engine is None:
+                ro = generate(model, tokenizer, prompts, group_size=1, do_sample=False,
+                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+            else:  # --eval-rollout
+                ro = self.eval_engine.generate(prompts, group_size=1, do_sample=False,
+                                               max_new_tokens=cfg.max_new_tokens)
             ev = offline_metrics(rows, ro.texts)
         ev["accuracy"], ev["validity"] = ev["routing_accuracy"], ev["answer_recall"]
         return ev
@@ -233,9 +238,14 @@ class RoutingTask(Task):
 
     # --- the online stages
 
-    def _turns(self, model, tokenizer, rows, index, cfg, encode, *, group_size, greedy):
-        step = hf_step_fn(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, do_sample=not greedy, batch_size=cfg.gen_batch_size)
+    def _turns(self, model, tokenizer, rows, index, cfg, encode, *, group_size, greedy, engine=None):
+        """``engine``: a rollout engine other than hf decodes each turn (its weights synced)."""
+        if engine is not None and engine.name != "hf":
+            step = engine_step_fn(engine, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, do_sample=not greedy)
+        else:
+            step = hf_step_fn(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, do_sample=not greedy, batch_size=cfg.gen_batch_size)
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         return rollout_turns(step, tokenizer, [encode(tokenizer, rows[i]["prompt"]) for i in index],
                              self.tool, group_size=group_size, max_turns=cfg.max_turns, rows=index,
@@ -246,8 +256,11 @@ class RoutingTask(Task):
             raise ConfigError("--rollout-mode online runs in one process (not under torchrun) for now")
         idx = r.prompts.take(r.cfg.prompts_per_step)
         with gather_for_generation(r.policy):
+            r.engine.wake()
+            r.engine.sync_weights(r.model)  # --rollout vllm: the weights after the last step
             ro = self._turns(r.model, r.tokenizer, r.train_rows, idx, r.cfg, r.encode,
-                             group_size=r.cfg.group_size, greedy=False)
+                             group_size=r.cfg.group_size, greedy=False, engine=r.engine)
+            r.engine.sleep()
         return ro
 
     def _score(self, r, samples):
