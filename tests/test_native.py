@@ -92,6 +92,47 @@ def test_row_stats_and_grad_logits_sweeps(mod, scale):
     torch.testing.assert_close(inplace.double(), ref, atol=1e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("k,c", [(1, 1), (7, 70), (130, 129)])
+def test_pack_kn_layout(mod, k, c):
+    """pack_kn: B[k][n] = x[k, n] as brgemm's VNNI tiles [ceil(C/64), K2, 64] (pairs of rows
+    interleaved), zero-padded; checked against the layout built by indexing."""
+    x = torch.randn(k, c).bfloat16()
+    tiles, k2 = (c + 63) // 64, (k + 1) // 2
+    xp = torch.zeros(2 * k2, tiles * 64, dtype=torch.bfloat16)
+    xp[:k, :c] = x
+    want = xp.view(k2, 2, tiles, 64).permute(2, 0, 3, 1).reshape(tiles, 2 * k2, 64)
+    assert torch.equal(mod.pack_kn(x), want)
+
+
+@pytest.mark.parametrize("n,d,v,scale", [(300, 64, 1000, 1.0), (37, 128, 258, 0.7)])
+def test_fused_bf16_backward_gemms(mod, n, d, v, scale):
+    """grad_gemms_bf16: logits, dz and both gradient products of one vocabulary slice (starting
+    at column c0) in one walk, against float64 algebra on the same bf16 numbers: dh accumulates
+    into what it holds, dw is written."""
+    if not mod.brgemm_available():
+        pytest.skip("this CPU has no bf16 brgemm (AMX / AVX-512-BF16)")
+    h, w, _ = _inputs(n, d, v, torch.bfloat16, n + v)
+    g = torch.Generator().manual_seed(11)
+    c0 = 500
+    y = torch.randint(c0 - 50, c0 + v + 50, (n,), generator=g)   # some targets elsewhere
+    lse = torch.randn(n, generator=g).abs() + 5
+    a, b, gl = (torch.randn(n, generator=g) for _ in range(3))
+    dh0 = torch.randn(n, d, generator=g)
+    dh, dw = dh0.clone(), torch.full((v, d), float("nan"))
+    mod.grad_gemms_bf16(h, mod.pack_bf16(w), mod.pack_kn(h), mod.pack_kn(w), v, y, c0, scale,
+                        lse, a, b, gl, scale, dh, dw)
+    z = (h.double() @ w.double().T) * scale
+    p = torch.exp(z - lse.double()[:, None])
+    dz = -p * (a.double()[:, None] + b.double()[:, None] * z)
+    hit = (y >= c0) & (y < c0 + v)
+    dz[hit.nonzero().squeeze(1), (y - c0)[hit]] += gl.double()[hit]
+    dz = dz * scale
+    want_dh = dh0.double() + dz @ w.double()
+    want_dw = dz.T @ h.double()
+    for got, want in ((dh, want_dh), (dw, want_dw)):   # dz goes through bf16: bf16 accuracy
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
 def test_add_bf16_into_fp32(mod):
     acc = torch.randn(1000, 33)
     x = torch.randn(1000, 33).bfloat16()
@@ -136,6 +177,12 @@ def test_paths_call_the_native_kernels(mod, monkeypatch):
     h.requires_grad_()
     fused_logprobs(h, w, y).sum().backward()
     assert {"row_stats_", "grad_logits"} <= set(calls)
+    calls.clear()
+    hb, wb = torch.randn(20, 64).bfloat16().requires_grad_(), torch.randn(100, 64).bfloat16()
+    wb.requires_grad_()
+    fused_logprobs(hb, wb, y).sum().backward()        # bf16: the fused native backward
+    if mod.brgemm_available():
+        assert {"stats_bf16_", "grad_gemms_bf16"} <= set(calls)
     calls.clear()
     loss, _ = grpo_loss(h, w, y, torch.randn(2), cu_seqlens=torch.tensor([0, 9, 20]))
     loss.backward()

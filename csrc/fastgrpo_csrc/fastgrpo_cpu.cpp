@@ -56,25 +56,25 @@ static inline float fast_exp(float x) {
 }
 
 #if defined(__AVX512F__)
-// fast_exp on 16 lanes (the same polynomial and clamping).
+// fast_exp on 16 lanes for x <= 0 (every caller passes z - max or z - lse): 2^(x log2 e) split
+// into 2^n (scalef, exact) and 2^f, |f| <= 1/2, by a degree-6 Taylor polynomial (relative
+// error < 2e-7); x log2 e in two parts (hi + lo) so large |x| keeps fp32 accuracy.  Exactly 0
+// below -87.3, as fast_exp.
 static inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3f);
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.3f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i k = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(k));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), e);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.925963033500011e-08f),
+                                   _mm512_fmsub_ps(xc, _mm512_set1_ps(1.44269502162933349609f), n));
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-04f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), _mm512_scalef_ps(p, n));
 }
 
 // 16 floats -> 16 bf16, rounded to nearest even (inputs are never NaN here).
@@ -193,6 +193,35 @@ static inline void dz_row(const float* row, int64_t c, int64_t c0, float sc, int
 
 // ------------------------------------------------------------------------------ bf16 GEMM
 
+#if defined(__AVX512F__)
+// out[j * ldo + i] = in[i * ldi + j] for a 16 x 16 block of 32-bit values (four shuffle stages).
+static inline void transpose16(const uint32_t* in, int64_t ldi, uint32_t* out, int64_t ldo) {
+  __m512i r[16], u[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * ldi);
+  for (int i = 0; i < 16; i += 2) {
+    u[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    u[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(u[i], u[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(u[i], u[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(u[i + 1], u[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(u[i + 1], u[i + 3]);
+  }
+  // r[4q + s] now holds, in its 128-bit lane L, column 4L + s of rows 4q..4q+3
+  for (int i = 0; i < 8; ++i) {
+    const int a = (i / 4) * 8 + (i % 4), b = a + 4;
+    u[a] = _mm512_shuffle_i32x4(r[a], r[b], 0x88);
+    u[b] = _mm512_shuffle_i32x4(r[a], r[b], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(u[i], u[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(u[i], u[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ldo, r[i]);   // r[j]: column j
+}
+#endif
+
 bool brgemm_available() {
   return at::native::cpublas::could_pack(at::kBFloat16);
 }
@@ -213,7 +242,14 @@ at::Tensor pack_bf16(const at::Tensor& w) {
     for (int64_t t = t0; t < t1; ++t) {
       uint32_t* o = dst + t * kk * kTile;
       const int64_t nb = std::min(kTile, c - t * kTile);
-      for (int64_t k0 = 0; k0 < kk; k0 += 16)          // 16 x 64 pairs at a time: in cache
+      int64_t k0 = 0;
+#if defined(__AVX512F__)
+      if (nb == kTile)                                  // 16 x 16 pairs per register transpose
+        for (; k0 + 16 <= kk; k0 += 16)
+          for (int64_t n0 = 0; n0 < kTile; n0 += 16)
+            transpose16(src + (t * kTile + n0) * ldw + k0, ldw, o + k0 * kTile + n0, kTile);
+#endif
+      for (; k0 < kk; k0 += 16)                         // 16 x 64 pairs at a time: in cache
         for (int64_t n = 0; n < kTile; ++n) {
           const uint32_t* in = src + (t * kTile + n) * ldw;
           for (int64_t k = k0; k < std::min(kk, k0 + 16); ++k)
@@ -228,8 +264,8 @@ namespace {
 
 // Columns per group: the packed weight of a group (G * D * 2 bytes) stays in L2 while every
 // row tile of a thread passes over it.
-int64_t group_cols(int64_t d, int64_t c) {
-  const int64_t g = std::max<int64_t>(1, (512 * 1024) / (d * 2 * kTile)) * kTile;
+int64_t group_cols(int64_t d, int64_t c, int64_t budget = 512 * 1024) {
+  const int64_t g = std::max<int64_t>(1, budget / (d * 2 * kTile)) * kTile;
   return std::min<int64_t>(std::min<int64_t>(g, 1024), ((c + kTile - 1) / kTile) * kTile);
 }
 
@@ -335,6 +371,161 @@ void grad_bf16(const at::Tensor& h, const at::Tensor& packed, int64_t c, const a
   });
 }
 
+// x [K, C] bf16 -> B[k][n] = x[k, n] in the VNNI layout brgemm takes, in tiles of kTile
+// columns: [ceil(C/64), K2, 64, 2] with K2 = ceil(K/2) pairs of rows, zero-padded (rows and
+// columns).  For the gradient GEMMs: x = h (dW's B, rows = tokens) or x = w (dh's B, rows =
+// vocabulary).
+at::Tensor pack_kn(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
+              "pack_kn: bf16 [K, C] with unit column stride");
+  const int64_t k = x.size(0), c = x.size(1), k2 = (k + 1) / 2, tiles = (c + kTile - 1) / kTile;
+  const int64_t ldx = x.stride(0);
+  auto out = at::empty({tiles, k2 * 2, kTile}, x.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, k2, 64, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint16_t* r0 = src + 2 * p * ldx;
+      const bool two = 2 * p + 1 < k;
+      const uint16_t* r1 = src + (2 * p + 1) * ldx;
+      for (int64_t t = 0; t < tiles; ++t) {
+        uint16_t* o = dst + (t * k2 + p) * 2 * kTile;
+        const int64_t n0 = t * kTile, nb = std::min(kTile, c - n0);
+#if defined(__AVX512F__)
+        if (nb == kTile && two) {
+          const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                              40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+                                              1, 32, 0);
+          const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+          for (int64_t j = 0; j < kTile; j += 32) {
+            const __m512i a = _mm512_loadu_si512(r0 + n0 + j), b = _mm512_loadu_si512(r1 + n0 + j);
+            _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi16(a, hi, b));
+          }
+          continue;
+        }
+#endif
+        for (int64_t j = 0; j < kTile; ++j) {
+          o[2 * j] = j < nb ? r0[n0 + j] : 0;
+          o[2 * j + 1] = j < nb && two ? r1[n0 + j] : 0;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The bf16 backward of one vocabulary slice in one walk, nothing of [R, C] reaching memory:
+// per (column group, row tile) the logits tile (brgemm, fp32, in cache), dL/dz in place
+// (dz_row), then dz in bf16 into the two gradient GEMMs (brgemm, fp32 accumulators):
+//   dh[R, D] += dz [rows, G] @ w_g [G, D]       (wkn = pack_kn(w slice))
+//   dw[C, D] (=|+=) dz^T [G, rows] @ h [rows, D] (hkn = pack_kn(h))
+// dw is written (not accumulated) for this slice; dh accumulates.  Threads own column groups
+// (disjoint dw rows); each thread's dh goes to a private buffer added at the end.
+void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Tensor& hkn,
+                     const at::Tensor& wkn, int64_t c, const at::Tensor& y, int64_t c0,
+                     double scale, const at::Tensor& lse, const at::Tensor& a,
+                     const at::Tensor& b, const at::Tensor& gl, double out_scale, at::Tensor& dh,
+                     at::Tensor& dw) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kBFloat16 && h.stride(1) == 1,
+              "grad_gemms_bf16: h must be bf16 [R, D] with unit column stride");
+  const int64_t r = h.size(0), d = h.size(1), ldh = h.stride(0);
+  TORCH_CHECK(d % kTile == 0, "grad_gemms_bf16: D must be a multiple of 64");
+  TORCH_CHECK(c % 2 == 0, "grad_gemms_bf16: the slice must have an even column count");
+  check_vec(y, r, at::kLong, "grad_gemms_bf16 y");
+  for (auto* x : {&lse, &a, &b, &gl}) check_vec(*x, r, at::kFloat, "grad_gemms_bf16 row vector");
+  TORCH_CHECK(dh.scalar_type() == at::kFloat && dh.is_contiguous() && dh.size(0) == r &&
+              dh.size(1) == d, "grad_gemms_bf16: dh must be float32 [R, D], contiguous");
+  TORCH_CHECK(dw.scalar_type() == at::kFloat && dw.stride(1) == 1 && dw.size(0) == c &&
+              dw.size(1) == d, "grad_gemms_bf16: dw must be float32 [C, D]");
+  const int64_t r2 = hkn.size(1), c2 = wkn.size(1);
+  TORCH_CHECK(hkn.size(0) == d / kTile && r2 >= r && wkn.size(0) == d / kTile && c2 >= c,
+              "grad_gemms_bf16: packed operands do not match");
+  // narrower groups than the forward's: a group's logits, dz (twice), packed w (twice) and
+  // dw rows share L2 here; at least 256 columns, the K of the dh product
+  const int64_t g = std::max<int64_t>(std::min<int64_t>(256, (c + kTile - 1) / kTile * kTile),
+                                      group_cols(d, c, 128 * 1024));
+  const int64_t groups = (c + g - 1) / g;
+  constexpr int64_t rt = 256;   // rows per tile: dw's K
+  const auto* hp = h.data_ptr<at::BFloat16>();
+  const auto* wp = packed.data_ptr<at::BFloat16>();
+  const auto* hk = hkn.data_ptr<at::BFloat16>();
+  const auto* wk = wkn.data_ptr<at::BFloat16>();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const float *lp = lse.data_ptr<float>(), *ap = a.data_ptr<float>(),
+              *bp = b.data_ptr<float>(), *gp = gl.data_ptr<float>();
+  const float sc = static_cast<float>(scale), os = static_cast<float>(out_scale);
+  float* dwp = dw.data_ptr<float>();
+  const int64_t ldw = dw.stride(0);
+  const int nthreads = at::get_num_threads();
+  std::vector<at::Tensor> private_dh(nthreads);
+  at::parallel_for(0, groups, 1, [&](int64_t q0, int64_t q1) {
+    const int tid = at::get_thread_num();
+    float* dhp = dh.data_ptr<float>();
+    if (tid != 0) {
+      private_dh[tid] = at::zeros_like(dh);
+      dhp = private_dh[tid].data_ptr<float>();
+    }
+    std::vector<float> z(rt * g);
+    std::vector<at::BFloat16> za(rt * g), zt(g * rt);
+    alignas(64) float tmp[16 * 16];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t g0 = q * g, gc = std::min(g, c - g0), k2 = (gc + 1) / 2 * 2;
+      for (int64_t r0 = 0; r0 < r; r0 += rt) {
+        const int64_t mb = std::min(rt, r - r0), mb16 = (mb + 15) / 16 * 16;
+        for (int64_t j = 0; j < gc; j += kTile)
+          at::native::cpublas::brgemm(mb, kTile, d, ldh, kTile, g, false, hp + r0 * ldh,
+                                      wp + (g0 + j) / kTile * d * kTile, z.data() + j, true);
+        for (int64_t i = 0; i < mb; ++i) {
+          const int64_t row = r0 + i;
+          float* zr = z.data() + i * g;
+          dz_row(zr, gc, c0 + g0, sc, yp[row], lp[row], ap[row], bp[row], gp[row], os, zr,
+                 nullptr);
+          for (int64_t j = gc; j < k2; ++j) zr[j] = 0.f;
+        }
+        for (int64_t i = mb; i < mb16; ++i) std::memset(z.data() + i * g, 0, g * sizeof(float));
+        // dz in bf16, row-major [mb, G] (dh's A) and transposed [G, rt] (dw's A)
+        for (int64_t i = 0; i < mb; ++i) {
+          const float* zr = z.data() + i * g;
+          at::BFloat16* o = za.data() + i * g;
+          int64_t j = 0;
+#if defined(__AVX512F__)
+          for (; j + 16 <= k2; j += 16)
+            _mm256_storeu_si256((__m256i*)(o + j), to_bf16(_mm512_loadu_ps(zr + j)));
+#endif
+          for (; j < k2; ++j) o[j] = c10::BFloat16(zr[j]);
+        }
+        for (int64_t i0 = 0; i0 < mb16; i0 += 16)
+          for (int64_t j0 = 0; j0 < gc; j0 += 16) {
+#if defined(__AVX512F__)
+            transpose16(reinterpret_cast<const uint32_t*>(z.data() + i0 * g + j0), g,
+                        reinterpret_cast<uint32_t*>(tmp), 16);
+            for (int64_t j = 0; j < 16; ++j)
+              _mm256_storeu_si256((__m256i*)(zt.data() + (j0 + j) * rt + i0),
+                                  to_bf16(_mm512_load_ps(tmp + j * 16)));
+#else
+            for (int64_t j = 0; j < 16; ++j)
+              for (int64_t i = 0; i < 16; ++i)
+                zt[(j0 + j) * rt + i0 + i] = c10::BFloat16(z[(i0 + i) * g + j0 + j]);
+#endif
+          }
+        const int64_t kr = (mb + 1) / 2 * 2;   // dw's K: rows, even (zero-padded)
+        for (int64_t dt = 0; dt < d / kTile; ++dt)   // same-shaped calls back to back
+          at::native::cpublas::brgemm(mb, kTile, k2, g, kTile, d, true, za.data(),
+                                      wk + dt * c2 * kTile + g0 * kTile,
+                                      dhp + r0 * d + dt * kTile, true);
+        for (int64_t dt = 0; dt < d / kTile; ++dt)
+          at::native::cpublas::brgemm(gc, kTile, kr, rt, kTile, ldw, r0 > 0, zt.data(),
+                                      hk + dt * r2 * kTile + r0 * kTile,
+                                      dwp + g0 * ldw + dt * kTile, true);
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  for (int t = 1; t < nthreads; ++t)
+    if (private_dh[t].defined()) dh.add_(private_dh[t]);
+}
+
 // ------------------------------------------------------------------------------ float32 blocks
 
 // Online row statistics of a float32 block of raw logits whose vocabulary starts at column c0
@@ -415,6 +606,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("logits_bf16", &logits_bf16);
   mod.def("stats_bf16_", &stats_bf16_);
   mod.def("grad_bf16", &grad_bf16);
+  mod.def("pack_kn", &pack_kn);
+  mod.def("grad_gemms_bf16", &grad_gemms_bf16);
   mod.def("row_stats_", &row_stats_);
   mod.def("grad_logits", &grad_logits);
   mod.def("add_bf16_", &add_bf16_);

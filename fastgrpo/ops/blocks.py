@@ -285,6 +285,44 @@ def _native_state(n):
     return (torch.full((n,), float("-inf")), torch.zeros(n), torch.zeros(n), torch.zeros(n))
 
 
+# Vocabulary columns per slice of the fused bf16 backward (_native_grad_gemms): its workspace
+# is two packed copies of the slice of w (bf16) and the slice's float32 dw, nothing [N x cols].
+_FUSED_SLICE_COLS = 8192
+
+
+def _fused_grad_pays(h) -> bool:
+    """The fused native bf16 backward (csrc grad_gemms_bf16) serves ``h``: CPU bf16 with a
+    bf16 brgemm, D a multiple of 64."""
+    mod = _native_for(h)
+    return (mod is not None and h.dtype == torch.bfloat16 and h.shape[-1] % 64 == 0
+            and mod.brgemm_available())
+
+
+def _native_grad_gemms(mod, h, w, y, lse, ent, gl, ge, inv_t):
+    """``linear_backward`` for bf16 through the fused native backward: per vocabulary slice the
+    logits, dz and both gradient GEMMs (bf16 operands, float32 accumulators) tile by tile in
+    cache; four logits-sized GEMMs in all, as the two-pass path is, at brgemm rates."""
+    n, v = h.shape[0], w.shape[0]
+    hc = _rows(h)
+    hkn = mod.pack_kn(hc)
+    a, b = _dz_coefficients(lse, ent, gl, ge)
+    gl = gl.float().contiguous()
+    dh = torch.zeros(n, h.shape[1])
+    dw = torch.empty_like(w)
+    cols = min(v, _FUSED_SLICE_COLS)
+    dwbuf = torch.empty(cols + 1, h.shape[1])
+    for c0 in range(0, v, cols):
+        wc = _rows(w[c0:c0 + cols])
+        c = wc.shape[0]
+        if c % 2:                      # an odd last slice: pad one zero row (its dw is dropped)
+            wc = torch.cat([wc, wc.new_zeros(1, wc.shape[1])])
+        out = dwbuf[:wc.shape[0]]
+        mod.grad_gemms_bf16(hc, mod.pack_bf16(wc), hkn, mod.pack_kn(wc), wc.shape[0], y, c0,
+                            inv_t, lse, a, b, gl, inv_t, dh, out)
+        dw[c0:c0 + c] = out[:c]
+    return dh.to(h.dtype), dw
+
+
 def one_pass_pays(h) -> bool:
     """Whether the one-pass path beats the two-pass path for ``h`` on CPU: yes, except bf16
     through the native kernels, where the recompute is a bf16 GEMM that feeds the sweeps in
@@ -475,12 +513,18 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
         clamp = _needs_clamp(w)
         def grad_block(*args):  # noqa: E306
             return _torch_grad_logits(*args, clamp=clamp)
+    if logits is None and need_h and need_w and _fused_grad_pays(h):
+        return _native_grad_gemms(_native_for(h), h, w, y, lse, ent, gl, ge, inv_t)
     if logits is not None:
         kept_block = _kept_grad_block(h, logits, gdtype, min(n, rows) * min(v, cols))
     row_blocks = [slice(r0, r0 + rows) for r0 in range(0, n, rows)]
     if not h.is_cuda:  # skip blocks nothing flows into (e.g. all ignored); no host sync on GPU
         row_blocks = [sl for sl in row_blocks
                       if bool(gl[sl].any() or (ge is not None and ge[sl].any()))]
+    # CPU bf16 gradient GEMMs over all rows at once (one row block): their bf16 products go
+    # straight into dw, and into dh through the native bf16 -> fp32 add (no fp32 temporaries)
+    direct = (not h.is_cuda and gdtype == torch.bfloat16 and len(row_blocks) == 1
+              and row_blocks[0] == slice(0, rows) and n <= rows and _native_for(h) is not None)
     for c0 in range(0, v, cols):
         wc = w[c0:c0 + cols]
         wg = wc.to(gdtype)
@@ -493,6 +537,12 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
             else:
                 dz = kept_block(logits[sl, c0:c0 + cols], y[sl], c0, lse[sl], ent[sl], gl[sl],
                                 None if ge is None else ge[sl], inv_t)
+            if direct:
+                if need_h:
+                    _native_for(h).add_bf16_(dh, torch.mm(dz, wg))
+                if need_w:
+                    dw_acc = torch.mm(hc.to(gdtype).T, dz).T   # the faster layout on CPU
+                continue
             if need_h:
                 dh[sl] += _mm_f32(dz, wg)
             if need_w:
