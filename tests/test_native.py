@@ -215,3 +215,22 @@ def test_no_compiler_falls_back_with_one_notice(tmp_path):
     out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode != 0 and "FASTGRPO_NATIVE=1" in out.stderr
+
+
+def test_a_stale_build_lock_is_removed_not_waited_on(mod):
+    """A process killed while building leaves torch's ``lock`` file; the next process must not
+    wait on it forever (torch's loader would), but remove it with a warning and load."""
+    from fastgrpo.ops._native import build_target
+
+    lock = build_target()[1] / "lock"
+    lock.write_text("")                     # as a killed build leaves it
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from fastgrpo.ops._native import native\n"
+            "print('loaded', native() is not None)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "FASTGRPO_NATIVE": "1"}, timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert out.returncode == 0, out.stderr
+    assert "loaded True" in out.stdout and "stale build lock" in out.stderr

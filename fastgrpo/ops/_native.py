@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -45,10 +46,22 @@ def source_path() -> Path:
 def _cpu_tag() -> str:
     flags = ""
     try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
     except OSError:
         pass
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def build_target() -> tuple[str, Path, list[str]]:
+    """The extension's name, its build directory and its compiler flags."""
+    version = torch.__version__.replace("+", "_").replace(".", "_")
+    name = f"fastgrpo_cpu_t{version}_py{sys.version_info.major}{sys.version_info.minor}"
+    root = Path(os.environ.get("FASTGRPO_CACHE_DIR")
+                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastgrpo")
+    flags = os.environ.get("FASTGRPO_NATIVE_CFLAGS", "").split() or _default_flags()
+    name += _flags_tag(flags)
+    return name, root / "native" / f"{name}_{_cpu_tag()}", flags
 
 
 def _build():
@@ -58,17 +71,22 @@ def _build():
         raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
     from torch.utils.cpp_extension import load, verify_ninja_availability
     verify_ninja_availability()
-    version = torch.__version__.replace("+", "_").replace(".", "_")
-    name = f"fastgrpo_cpu_t{version}_py{sys.version_info.major}{sys.version_info.minor}"
-    root = Path(os.environ.get("FASTGRPO_CACHE_DIR")
-                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastgrpo")
-    flags = os.environ.get("FASTGRPO_NATIVE_CFLAGS", "").split() or _default_flags()
-    name += _flags_tag(flags)
-    build_dir = root / "native" / f"{name}_{_cpu_tag()}"
+    name, build_dir, flags = build_target()
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(src)],
-                build_directory=str(build_dir), extra_cflags=flags,
-                extra_ldflags=["-fopenmp"], verbose=False)
+    # torch's build lock is a plain file (``lock``) that a process killed mid-build leaves
+    # behind, and every later process would wait on it forever.  An OS lock (released when its
+    # process dies) serialises fastgrpo's builds instead, so a ``lock`` file found while holding
+    # it is stale.
+    with open(build_dir / "fastgrpo.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            warnings.warn(f"fastgrpo: removing a stale build lock {stale} (a build was killed)",
+                          RuntimeWarning, stacklevel=2)
+            stale.unlink(missing_ok=True)
+        return load(name=name, sources=[str(src)],
+                    build_directory=str(build_dir), extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _default_flags():
