@@ -140,9 +140,7 @@ class VLLMEngine:
         ``max_images`` per prompt."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process
         self.tokenizer, self.vision = tokenizer, vision
-        extra = {}
-        if vision is not None:
-            extra = vllm_vl.llm_kwargs(vision, max_images)
+        kw = {} if vision is None else vllm_vl.llm_kwargs(vision, max_images)
         from vllm import LLM
 
         self.world_size = world_size
@@ -154,7 +152,6 @@ class VLLMEngine:
         if vision is not None:
             vllm_vl.setup_engine_dir(self._dir.name, vision, model)
         text = getattr(model.config, "text_config", model.config)
-        kw = dict(extra)
         if world_size > 1:  # torchrun: vLLM joins the trainer's process group (RANK, MASTER_*)
             kw["distributed_executor_backend"] = "external_launcher"
         if not cuda:  # vLLM would reserve gpu_memory_utilization x the node's RAM (and refuse to
@@ -167,7 +164,8 @@ class VLLMEngine:
                        gpu_memory_utilization=gpu_memory_utilization,
                        enable_sleep_mode=self.sleep_mode, logprobs_mode="processed_logprobs",
                        enable_prefix_caching=True, **kw)
-        self.vocab_size = int(text.vocab_size)
+        # a VL model's completions never hold image tokens (computed once: the whole vocabulary)
+        self.allowed = None if vision is None else vllm_vl.allowed_token_ids(vision, int(text.vocab_size))
         self.llm.collective_rpc(_policy_logprobs)
         self.asleep = False
         self.sync_weights(model)
@@ -181,7 +179,7 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        if getattr(self, "vision", None) is not None:
+        if self.vision is not None:
             vllm_vl.reset_encoder_cache(self.llm)   # and cached image features
 
     def sleep(self) -> None:
@@ -241,8 +239,7 @@ class VLLMEngine:
                                 max_tokens=max_new_tokens, logprobs=0, detokenize=bool(stop),
                                 stop=stop or None, include_stop_str_in_output=True,
                                 stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=False,
-                                allowed_token_ids=vllm_vl.allowed_token_ids(self.vision, self.vocab_size)
-                                if mm else None)
+                                allowed_token_ids=self.allowed if mm else None)
         t0 = time.perf_counter()
         prompts = vllm_vl.vllm_prompts(prompt_ids, images, self.vision) if mm else \
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
