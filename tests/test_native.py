@@ -108,7 +108,7 @@ def test_pack_kn_layout(mod, k, c):
 def test_fused_bf16_backward_gemms(mod, n, d, v, scale):
     """grad_gemms_bf16: logits, dz and both gradient products of one vocabulary slice (starting
     at column c0) in one walk, against float64 algebra on the same bf16 numbers: dh accumulates
-    into what it holds, dw is written."""
+    into what it holds, dw is written (bf16)."""
     if not mod.brgemm_available():
         pytest.skip("this CPU has no bf16 brgemm (AMX / AVX-512-BF16)")
     h, w, _ = _inputs(n, d, v, torch.bfloat16, n + v)
@@ -118,7 +118,7 @@ def test_fused_bf16_backward_gemms(mod, n, d, v, scale):
     lse = torch.randn(n, generator=g).abs() + 5
     a, b, gl = (torch.randn(n, generator=g) for _ in range(3))
     dh0 = torch.randn(n, d, generator=g)
-    dh, dw = dh0.clone(), torch.full((v, d), float("nan"))
+    dh, dw = dh0.clone(), torch.full((v, d), float("nan"), dtype=torch.bfloat16)
     mod.grad_gemms_bf16(h, mod.pack_bf16(w), mod.pack_kn(h), mod.pack_kn(w), v, y, c0, scale,
                         lse, a, b, gl, scale, dh, dw)
     z = (h.double() @ w.double().T) * scale
@@ -131,6 +131,66 @@ def test_fused_bf16_backward_gemms(mod, n, d, v, scale):
     want_dw = dz.T @ h.double()
     for got, want in ((dh, want_dh), (dw, want_dw)):   # dz goes through bf16: bf16 accuracy
         assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_fused_bf16_backward_drops_rows_past_dw(mod):
+    """grad_gemms_bf16 with dw shorter than the slice (an odd slice padded by one zero row of
+    w): the rows it holds are the gradient, nothing is written past them."""
+    if not mod.brgemm_available():
+        pytest.skip("this CPU has no bf16 brgemm (AMX / AVX-512-BF16)")
+    n, d, v = 50, 64, 130
+    h, w, y = _inputs(n, d, v, torch.bfloat16, 21)
+    w[-1] = 0                                           # the padding row
+    lse = torch.logsumexp(h.double() @ w.double().T, 1).float()
+    a, b, gl = (torch.randn(n, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+    dh = torch.zeros(n, d)
+    dw = torch.full((v + 3, d), float("nan"), dtype=torch.bfloat16)
+    mod.grad_gemms_bf16(h, mod.pack_bf16(w), mod.pack_kn(h), mod.pack_kn(w), v, y, 0, 1.0,
+                        lse, a, b, gl, 1.0, dh, dw[:v - 1])
+    z = h.double() @ w.double().T
+    dz = -torch.exp(z - lse.double()[:, None]) * (a.double()[:, None] + b.double()[:, None] * z)
+    dz[torch.arange(n), y] += gl.double()
+    want = (dz.T @ h.double())[:v - 1]
+    assert float((dw[:v - 1].double() - want).norm() / want.norm()) < 1e-2
+    assert bool(dw[v - 1:].isnan().all())               # untouched past its rows
+
+
+def test_packs_into_a_reused_workspace(mod):
+    """pack_bf16 / pack_kn with a workspace: the same layout as a fresh pack, as a view at the
+    workspace's front; a workspace too small is refused."""
+    w = torch.randn(130, 64).bfloat16()
+    for pack in (mod.pack_bf16, mod.pack_kn):
+        fresh = pack(w)
+        ws = torch.full((fresh.numel() + 100,), float("nan"), dtype=torch.bfloat16)
+        got = pack(w, ws)
+        assert torch.equal(got, fresh) and got.data_ptr() == ws.data_ptr()
+        with pytest.raises(RuntimeError, match="workspace"):
+            pack(w, ws[:fresh.numel() - 1])
+
+
+@pytest.mark.parametrize("cols", [333, 1000])
+def test_fused_bf16_backward_over_odd_slices(mod, cols, monkeypatch):
+    """The fused bf16 backward over vocabulary slices of odd width (each padded by a zero row
+    whose dw is dropped; the packs reuse one workspace): gradients within bf16 accuracy of
+    float64 on the same bf16 numbers."""
+    if not mod.brgemm_available():
+        pytest.skip("this CPU has no bf16 brgemm (AMX / AVX-512-BF16)")
+    monkeypatch.setattr(lp_mod, "_FUSED_SLICE_COLS", cols)
+    h, w, y = _inputs(90, 64, 1001, torch.bfloat16, 8)
+    h.requires_grad_()
+    w.requires_grad_()
+    logp, ent = fused_logprobs(h, w, y, return_entropy=True)
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rlogp, rent = naive_logprobs(hr, wr, y)
+    g = torch.randn(90, generator=torch.Generator().manual_seed(9))
+    gh, gw = torch.autograd.grad((logp * g).sum() + 0.1 * ent.sum(), (h, w))
+    rgh, rgw = torch.autograd.grad((rlogp * g).sum() + 0.1 * rent.sum(), (hr, wr))
+    for got, want in ((gh, rgh), (gw, rgw)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    # every slice's rows are right, the last (one column) included
+    for s0 in range(0, 1001, cols):
+        part, ref = gw[s0:s0 + cols].double(), rgw[s0:s0 + cols]
+        assert float((part - ref).norm() / ref.norm()) < 1e-2, s0
 
 
 def test_add_bf16_into_fp32(mod):

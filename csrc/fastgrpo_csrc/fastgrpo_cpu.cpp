@@ -222,6 +222,18 @@ static inline void transpose16(const uint32_t* in, int64_t ldi, uint32_t* out, i
 }
 #endif
 
+// A packed operand's tensor: a view at the front of `buf` when given (a workspace reused
+// across vocabulary slices: no fresh pages to fault in on every slice), else a new tensor.
+static at::Tensor pack_target(const std::optional<at::Tensor>& buf, at::IntArrayRef sizes,
+                              const at::TensorOptions& opts) {
+  if (!buf) return at::empty(sizes, opts);
+  int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  TORCH_CHECK(buf->scalar_type() == at::kBFloat16 && buf->is_contiguous() && buf->numel() >= n,
+              "pack: the workspace must be a contiguous bf16 tensor of at least ", n, " elements");
+  return buf->view(-1).narrow(0, 0, n).view(sizes);
+}
+
 bool brgemm_available() {
   return at::native::cpublas::could_pack(at::kBFloat16);
 }
@@ -229,13 +241,13 @@ bool brgemm_available() {
 // w [C, D] bf16 -> w^T in the VNNI layout brgemm takes for bf16, in tiles of kTile columns:
 // [ceil(C/64), D/2, 64, 2], i.e. per tile the 32-bit pairs (w[n, 2k], w[n, 2k+1]) transposed
 // to [k][n] (what cpublas::pack produces; tests/test_native.py checks the products).
-at::Tensor pack_bf16(const at::Tensor& w) {
+at::Tensor pack_bf16(const at::Tensor& w, std::optional<at::Tensor> buf) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.stride(1) == 1,
               "pack_bf16: bf16 [C, D] with unit column stride");
   TORCH_CHECK(w.size(1) % 2 == 0, "pack_bf16: D must be even for the VNNI layout");
   const int64_t c = w.size(0), d = w.size(1), kk = d / 2, tiles = (c + kTile - 1) / kTile;
   const int64_t ldw = w.stride(0) / 2;   // in 32-bit pairs
-  auto out = at::empty({tiles, d, kTile}, w.options());
+  auto out = pack_target(buf, {tiles, d, kTile}, w.options());
   const auto* src = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -375,12 +387,12 @@ void grad_bf16(const at::Tensor& h, const at::Tensor& packed, int64_t c, const a
 // columns: [ceil(C/64), K2, 64, 2] with K2 = ceil(K/2) pairs of rows, zero-padded (rows and
 // columns).  For the gradient GEMMs: x = h (dW's B, rows = tokens) or x = w (dh's B, rows =
 // vocabulary).
-at::Tensor pack_kn(const at::Tensor& x) {
+at::Tensor pack_kn(const at::Tensor& x, std::optional<at::Tensor> buf) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               "pack_kn: bf16 [K, C] with unit column stride");
   const int64_t k = x.size(0), c = x.size(1), k2 = (k + 1) / 2, tiles = (c + kTile - 1) / kTile;
   const int64_t ldx = x.stride(0);
-  auto out = at::empty({tiles, k2 * 2, kTile}, x.options());
+  auto out = pack_target(buf, {tiles, k2 * 2, kTile}, x.options());
   const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, k2, 64, [&](int64_t p0, int64_t p1) {
@@ -419,9 +431,11 @@ at::Tensor pack_kn(const at::Tensor& x) {
 // per (column group, row tile) the logits tile (brgemm, fp32, in cache), dL/dz in place
 // (dz_row), then dz in bf16 into the two gradient GEMMs (brgemm, fp32 accumulators):
 //   dh[R, D] += dz [rows, G] @ w_g [G, D]       (wkn = pack_kn(w slice))
-//   dw[C, D] (=|+=) dz^T [G, rows] @ h [rows, D] (hkn = pack_kn(h))
-// dw is written (not accumulated) for this slice; dh accumulates.  Threads own column groups
-// (disjoint dw rows); each thread's dh goes to a private buffer added at the end.
+//   dw[C, D] = dz^T [G, N] @ h [N, D]          (hkn = pack_kn(h))
+// dh accumulates (float32); dw's rows of a group add up over the row tiles in a float32 scratch
+// and are written once, in bf16 (rows past dw's own count, a padding row, are dropped).
+// Threads own column groups (disjoint dw rows); each thread's dh goes to a private buffer
+// added at the end.
 void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Tensor& hkn,
                      const at::Tensor& wkn, int64_t c, const at::Tensor& y, int64_t c0,
                      double scale, const at::Tensor& lse, const at::Tensor& a,
@@ -436,8 +450,8 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
   for (auto* x : {&lse, &a, &b, &gl}) check_vec(*x, r, at::kFloat, "grad_gemms_bf16 row vector");
   TORCH_CHECK(dh.scalar_type() == at::kFloat && dh.is_contiguous() && dh.size(0) == r &&
               dh.size(1) == d, "grad_gemms_bf16: dh must be float32 [R, D], contiguous");
-  TORCH_CHECK(dw.scalar_type() == at::kFloat && dw.stride(1) == 1 && dw.size(0) == c &&
-              dw.size(1) == d, "grad_gemms_bf16: dw must be float32 [C, D]");
+  TORCH_CHECK(dw.scalar_type() == at::kBFloat16 && dw.stride(1) == 1 && dw.size(0) <= c &&
+              dw.size(1) == d, "grad_gemms_bf16: dw must be bf16 [<= C, D], unit column stride");
   const int64_t r2 = hkn.size(1), c2 = wkn.size(1);
   TORCH_CHECK(hkn.size(0) == d / kTile && r2 >= r && wkn.size(0) == d / kTile && c2 >= c,
               "grad_gemms_bf16: packed operands do not match");
@@ -455,8 +469,9 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
   const float *lp = lse.data_ptr<float>(), *ap = a.data_ptr<float>(),
               *bp = b.data_ptr<float>(), *gp = gl.data_ptr<float>();
   const float sc = static_cast<float>(scale), os = static_cast<float>(out_scale);
-  float* dwp = dw.data_ptr<float>();
-  const int64_t ldw = dw.stride(0);
+  at::BFloat16* dwp = dw.data_ptr<at::BFloat16>();
+  const int64_t ldw = dw.stride(0), cw = dw.size(0);
+  const int64_t lda = d + 16;   // the dw accumulator's row stride, off the 4 KiB aliasing
   const int nthreads = at::get_num_threads();
   std::vector<at::Tensor> private_dh(nthreads);
   at::parallel_for(0, groups, 1, [&](int64_t q0, int64_t q1) {
@@ -466,7 +481,7 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
       private_dh[tid] = at::zeros_like(dh);
       dhp = private_dh[tid].data_ptr<float>();
     }
-    std::vector<float> z(rt * g);
+    std::vector<float> z(rt * g), acc(g * lda);
     std::vector<at::BFloat16> za(rt * g), zt(g * rt);
     alignas(64) float tmp[16 * 16];
     for (int64_t q = q0; q < q1; ++q) {
@@ -515,9 +530,21 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
                                       wk + dt * c2 * kTile + g0 * kTile,
                                       dhp + r0 * d + dt * kTile, true);
         for (int64_t dt = 0; dt < d / kTile; ++dt)
-          at::native::cpublas::brgemm(gc, kTile, kr, rt, kTile, ldw, r0 > 0, zt.data(),
-                                      hk + dt * r2 * kTile + r0 * kTile,
-                                      dwp + g0 * ldw + dt * kTile, true);
+          at::native::cpublas::brgemm(gc, kTile, kr, rt, kTile, lda, r0 > 0, zt.data(),
+                                      hk + dt * r2 * kTile + r0 * kTile, acc.data() + dt * kTile,
+                                      true);
+      }
+      // this group's dw rows are complete: round them to bf16 once
+      if (r == 0) std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < std::min(gc, cw - g0); ++i) {
+        const float* src = acc.data() + i * lda;
+        at::BFloat16* o = dwp + (g0 + i) * ldw;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        for (; j + 16 <= d; j += 16)
+          _mm256_storeu_si256((__m256i*)(o + j), to_bf16(_mm512_loadu_ps(src + j)));
+#endif
+        for (; j < d; ++j) o[j] = c10::BFloat16(src[j]);
       }
     }
     at::native::cpublas::brgemm_release(true);
@@ -602,11 +629,11 @@ void add_bf16_(at::Tensor& acc, const at::Tensor& x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("brgemm_available", &brgemm_available);
-  mod.def("pack_bf16", &pack_bf16);
+  mod.def("pack_bf16", &pack_bf16, py::arg("w"), py::arg("buf") = py::none());
   mod.def("logits_bf16", &logits_bf16);
   mod.def("stats_bf16_", &stats_bf16_);
   mod.def("grad_bf16", &grad_bf16);
-  mod.def("pack_kn", &pack_kn);
+  mod.def("pack_kn", &pack_kn, py::arg("x"), py::arg("buf") = py::none());
   mod.def("grad_gemms_bf16", &grad_gemms_bf16);
   mod.def("row_stats_", &row_stats_);
   mod.def("grad_logits", &grad_logits);

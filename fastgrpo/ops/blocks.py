@@ -228,11 +228,11 @@ class _NativeWeight:
     (bf16 where the CPU has bf16 dot products: the GEMM tiles feed the sweeps while in cache),
     else float32 for ``torch.mm`` into a block the sweeps then read."""
 
-    def __init__(self, mod, w):
+    def __init__(self, mod, w, workspace=None):
         self.mod, self.c = mod, w.shape[0]
         self.bf16 = (w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0
                      and mod.brgemm_available())
-        self.packed = mod.pack_bf16(w) if self.bf16 else None
+        self.packed = mod.pack_bf16(w, workspace) if self.bf16 else None
         self.w = None if self.bf16 else w.float()
 
     def logits(self, hc, buf):
@@ -286,7 +286,7 @@ def _native_state(n):
 
 
 # Vocabulary columns per slice of the fused bf16 backward (_native_grad_gemms): its workspace
-# is two packed copies of the slice of w (bf16) and the slice's float32 dw, nothing [N x cols].
+# is two packed copies of the slice of w (bf16), reused by every slice; nothing [N x cols].
 _FUSED_SLICE_COLS = 8192
 
 
@@ -310,16 +310,14 @@ def _native_grad_gemms(mod, h, w, y, lse, ent, gl, ge, inv_t):
     dh = torch.zeros(n, h.shape[1])
     dw = torch.empty_like(w)
     cols = min(v, _FUSED_SLICE_COLS)
-    dwbuf = torch.empty(cols + 1, h.shape[1])
+    packed, wkn = (torch.empty((cols + 64) * h.shape[1], dtype=w.dtype) for _ in range(2))
     for c0 in range(0, v, cols):
         wc = _rows(w[c0:c0 + cols])
-        c = wc.shape[0]
-        if c % 2:                      # an odd last slice: pad one zero row (its dw is dropped)
+        if wc.shape[0] % 2:            # an odd last slice: pad one zero row (its dw is dropped)
             wc = torch.cat([wc, wc.new_zeros(1, wc.shape[1])])
-        out = dwbuf[:wc.shape[0]]
-        mod.grad_gemms_bf16(hc, mod.pack_bf16(wc), hkn, mod.pack_kn(wc), wc.shape[0], y, c0,
-                            inv_t, lse, a, b, gl, inv_t, dh, out)
-        dw[c0:c0 + c] = out[:c]
+        mod.grad_gemms_bf16(hc, mod.pack_bf16(wc, packed), hkn, mod.pack_kn(wc, wkn),
+                            wc.shape[0], y, c0, inv_t, lse, a, b, gl, inv_t, dh,
+                            dw[c0:c0 + cols])
     return dh.to(h.dtype), dw
 
 
@@ -337,8 +335,10 @@ def _native_forward(mod, h, w, y, inv_t):
     rows, cols = _block_shape(n, v)
     state = _native_state(n)
     buf = torch.empty(min(n, rows) * min(v, cols))
+    workspace = (torch.empty((min(v, cols) + 64) * h.shape[1], dtype=h.dtype)
+                 if h.dtype == torch.bfloat16 else None)   # each slice's packed w
     for c0 in range(0, v, cols):        # vocabulary outermost: each slice is packed once
-        wn = _NativeWeight(mod, w[c0:c0 + cols])
+        wn = _NativeWeight(mod, w[c0:c0 + cols], workspace)
         for r0 in range(0, n, rows):
             sl = slice(r0, r0 + rows)
             wn.stats_(h[sl], y[sl], c0, inv_t, [x[sl] for x in state], buf)
