@@ -92,6 +92,60 @@ def test_row_stats_and_grad_logits_sweeps(mod, scale):
     torch.testing.assert_close(inplace.double(), ref, atol=1e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_stored_exp_and_scale_exp_sweeps(mod, scale):
+    """row_stats_(store_exp) over whole rows leaves exp(z - max) in the block (the same
+    statistics as without); scale_exp builds dz = gl (1[v = y] - p) from it, fp32 in place and
+    bf16, against float64 (a -inf column and a row without a target included)."""
+    g = torch.Generator().manual_seed(4)
+    r, c = 21, 203
+    raw = torch.randn(r, c, generator=g) * 3
+    raw[:, 7] = float("-inf")
+    y = torch.randint(0, c, (r,), generator=g)
+    y[y == 7] = 8
+    y[4] = -1
+    state = [torch.full((r,), float("-inf"))] + [torch.zeros(r) for _ in range(3)]
+    ref_state = [x.clone() for x in state]
+    mod.row_stats_(raw.clone(), y, 0, scale, *ref_state)
+    e = raw.clone()
+    mod.row_stats_(e, y, 0, scale, *state, store_exp=True)
+    for got, want in zip(state, ref_state):
+        assert torch.equal(got, want)
+    m, s = state[0], state[1]
+    z = raw.double() * scale
+    torch.testing.assert_close(e.double(), torch.exp(z - m.double()[:, None]), atol=0,
+                               rtol=2e-6)
+    assert float(e[:, 7].abs().max()) == 0.0
+    gl = torch.randn(r, generator=g)
+    ref = -torch.softmax(z, 1) * gl.double()[:, None]
+    has = y >= 0
+    ref[has.nonzero().squeeze(1), y[has]] += gl.double()[has]
+    ref = ref * scale
+    coef, gy = (gl * -scale / s).contiguous(), gl * scale
+    out = torch.empty(r, c, dtype=torch.bfloat16)
+    mod.scale_exp(e, y, 0, coef, gy, out)
+    err = (out.double() - ref).abs() / (ref.abs() + 1e-3)
+    assert float(err.max()) < 8e-3
+    mod.scale_exp(e, y, 0, coef, gy, e)               # in place
+    torch.testing.assert_close(e.double(), ref, atol=1e-6, rtol=2e-5)
+    with pytest.raises(RuntimeError, match="whole rows"):   # a continued (not fresh) state
+        mod.row_stats_(raw.clone(), y, 0, scale, *state, store_exp=True)
+
+
+def test_one_pass_without_an_expected_entropy_term_stays_exact(mod):
+    """linear_one_pass(entropy_grad=False) whose objective does return an entropy gradient
+    (a broken promise): the same result as entropy_grad=True, not a silently wrong one."""
+    h, w, y = _inputs(300, 32, 500, torch.float32, 12)
+    coef = torch.randn(300, generator=torch.Generator().manual_seed(1))
+
+    def token_grads(sl, logp, ent):
+        return coef[sl], 0.3 * coef[sl]
+    got = lp_mod.linear_one_pass(h, w, y, 1.0, token_grads, entropy_grad=False)
+    want = lp_mod.linear_one_pass(h, w, y, 1.0, token_grads, entropy_grad=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("k,c", [(1, 1), (7, 70), (130, 129)])
 def test_pack_kn_layout(mod, k, c):
     """pack_kn: B[k][n] = x[k, n] as brgemm's VNNI tiles [ceil(C/64), K2, 64] (pairs of rows
@@ -224,8 +278,8 @@ def test_bf16_logprobs_at_fp32_accuracy(mod, temperature, monkeypatch):
 
 
 def test_paths_call_the_native_kernels(mod, monkeypatch):
-    """fused_logprobs (forward, two-pass backward) and grpo_loss (one pass) on CPU run the
-    native sweeps when the kernels are built."""
+    """fused_logprobs (forward, two-pass backward) and grpo_loss (one pass, with and without
+    an entropy term) on CPU run the native sweeps when the kernels are built."""
     calls = []
 
     class Spy:
@@ -245,8 +299,13 @@ def test_paths_call_the_native_kernels(mod, monkeypatch):
         assert {"stats_bf16_", "grad_gemms_bf16"} <= set(calls)
     calls.clear()
     loss, _ = grpo_loss(h, w, y, torch.randn(2), cu_seqlens=torch.tensor([0, 9, 20]))
-    loss.backward()
-    assert {"row_stats_", "grad_logits"} <= set(calls)
+    loss.backward()                                    # no entropy term: dz by one multiply
+    assert {"row_stats_", "scale_exp"} <= set(calls) and "grad_logits" not in calls
+    calls.clear()
+    loss, _ = grpo_loss(h, w, y, torch.randn(2), cu_seqlens=torch.tensor([0, 9, 20]),
+                        entropy_coef=0.01)
+    loss.backward()                                    # an entropy bonus: the full dz sweep
+    assert {"row_stats_", "grad_logits"} <= set(calls) and "scale_exp" not in calls
 
 
 FALLBACK = textwrap.dedent("""

@@ -9,6 +9,8 @@
 //     nats of log-prob error); this keeps bf16 GEMM rates with fp32 logits.
 //   * row_stats_: one sweep over a float32 block updating each row's online max m, sum of
 //     exp(z - m), sum of exp(z - m) * z and the target logit (log-sum-exp, log-prob, entropy).
+//     With store_exp it also leaves e = exp(z - max) in the block (whole rows), from which
+//     scale_exp builds dz by one multiply when the objective has no entropy term.
 //   * grad_logits: one sweep writing dL/dz = gl * 1[v == y] - p * (A + B z), p = exp(z - lse),
 //     in the dtype of the gradient GEMMs that consume it (bf16 or fp32; in place for fp32).
 //
@@ -108,7 +110,9 @@ void check_vec(const at::Tensor& x, int64_t n, at::ScalarType dt, const char* na
 // c0; z = max(raw * scale, -1e30)): m (running max, -inf before the first segment),
 // s = sum exp(z - m), t = sum exp(z - m) * z, zy += z[y - c0] when the target is here.
 static inline void stats_row(const float* row, int64_t c, int64_t c0, float sc, int64_t y,
-                             float& m, float& s, float& t, float& zy) {
+                             float& m, float& s, float& t, float& zy, float* e_out = nullptr) {
+  const int64_t col = y - c0;   // before the sweep: e_out may overwrite row in place
+  if (y >= 0 && col >= 0 && col < c) zy += std::max(row[col] * sc, kNeg);
   float mx = kNeg, se = 0.f, sez = 0.f;
   int64_t j = 0;
 #if defined(__AVX512F__)
@@ -126,6 +130,7 @@ static inline void stats_row(const float* row, int64_t c, int64_t c0, float sc, 
     const __mmask16 k = c - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c - j)) - 1);
     const __m512 z = _mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), vsc), vneg);
     const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(z, vm)));
+    if (e_out) _mm512_mask_storeu_ps(e_out + j, k, e);
     vse = _mm512_add_ps(vse, e);
     vsez = _mm512_fmadd_ps(e, z, vsez);
   }
@@ -138,6 +143,7 @@ static inline void stats_row(const float* row, int64_t c, int64_t c0, float sc, 
   for (j = 0; j < c; ++j) {
     const float z = std::max(row[j] * sc, kNeg);
     const float e = fast_exp(z - m_new);
+    if (e_out) e_out[j] = e;
     se += e;
     sez += e * z;
   }
@@ -146,8 +152,6 @@ static inline void stats_row(const float* row, int64_t c, int64_t c0, float sc, 
   s = s * keep + se;
   t = t * keep + sez;
   m = m_new;
-  const int64_t col = y - c0;
-  if (y >= 0 && col >= 0 && col < c) zy += std::max(row[col] * sc, kNeg);
 }
 
 // dL/dz of one row segment: out = os * (gl * 1[v == y] - p * (a + b * z)), p = exp(z - lse).
@@ -558,19 +562,71 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
 // Online row statistics of a float32 block of raw logits whose vocabulary starts at column c0
 // (stats_row on every row).
 void row_stats_(const at::Tensor& raw, const at::Tensor& y, int64_t c0, double scale,
-                at::Tensor& m, at::Tensor& s, at::Tensor& t, at::Tensor& zy) {
+                at::Tensor& m, at::Tensor& s, at::Tensor& t, at::Tensor& zy, bool store_exp) {
   check_block(raw, "row_stats_");
   const int64_t r = raw.size(0), c = raw.size(1), ld = raw.stride(0);
   check_vec(y, r, at::kLong, "row_stats_ y");
   for (auto* x : {&m, &s, &t, &zy}) check_vec(*x, r, at::kFloat, "row_stats_ state");
-  const float* zp = raw.data_ptr<float>();
+  float* zp = raw.data_ptr<float>();
   const int64_t* yp = y.data_ptr<int64_t>();
   float *mp = m.data_ptr<float>(), *sp = s.data_ptr<float>(), *tp = t.data_ptr<float>(),
         *yz = zy.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  for (int64_t i = 0; store_exp && i < r; ++i)   // e = exp(z - max) needs the row's final max
+    TORCH_CHECK(mp[i] == -std::numeric_limits<float>::infinity(),
+                "row_stats_: store_exp takes whole rows (a fresh state)");
   at::parallel_for(0, r, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i)
-      stats_row(zp + i * ld, c, c0, sc, yp[i], mp[i], sp[i], tp[i], yz[i]);
+      stats_row(zp + i * ld, c, c0, sc, yp[i], mp[i], sp[i], tp[i], yz[i],
+                store_exp ? zp + i * ld : nullptr);
+  });
+}
+
+// dL/dz of a block of whole rows from their stored e = exp(z - m) (row_stats_ with store_exp;
+// p = e / s) when the objective has no entropy term: out = e * coef + hit * gy, hit = 1[v == y]
+// (coef = -gl * os / s, gy = gl * os).  One multiply per element instead of an exp; `out` is
+// `e` itself (float32, in place) or a bf16 block of the same shape.
+void scale_exp(const at::Tensor& e, const at::Tensor& y, int64_t c0, const at::Tensor& coef,
+               const at::Tensor& gy, at::Tensor& out) {
+  check_block(e, "scale_exp");
+  const int64_t r = e.size(0), c = e.size(1), ld = e.stride(0);
+  check_vec(y, r, at::kLong, "scale_exp y");
+  for (auto* x : {&coef, &gy}) check_vec(*x, r, at::kFloat, "scale_exp row vector");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == r && out.size(1) == c && out.stride(1) == 1 &&
+              (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "scale_exp: out must be a float32 or bf16 [rows, cols] block");
+  const float* ep = e.data_ptr<float>();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const float *cp = coef.data_ptr<float>(), *gp = gy.data_ptr<float>();
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  const int64_t ldo = out.stride(0);
+  at::parallel_for(0, r, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* row = ep + i * ld;
+      const float k = cp[i];
+      const int64_t col = yp[i] - c0;
+      const bool hit = yp[i] >= 0 && col >= 0 && col < c;
+      const float at_y = hit ? row[col] * k + gp[i] : 0.f;   // before an in-place sweep
+      float* of = bf16 ? nullptr : out.data_ptr<float>() + i * ldo;
+      at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() + i * ldo : nullptr;
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      const __m512 vk = _mm512_set1_ps(k);
+      for (; j + 16 <= c; j += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(row + j), vk);
+        if (ob) _mm256_storeu_si256((__m256i*)(ob + j), to_bf16(v));
+        else _mm512_storeu_ps(of + j, v);
+      }
+#endif
+      for (; j < c; ++j) {
+        if (ob) ob[j] = c10::BFloat16(row[j] * k);
+        else of[j] = row[j] * k;
+      }
+      if (hit) {
+        if (ob) ob[col] = c10::BFloat16(at_y);
+        else of[col] = at_y;
+      }
+    }
   });
 }
 
@@ -635,7 +691,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("grad_bf16", &grad_bf16);
   mod.def("pack_kn", &pack_kn, py::arg("x"), py::arg("buf") = py::none());
   mod.def("grad_gemms_bf16", &grad_gemms_bf16);
-  mod.def("row_stats_", &row_stats_);
+  mod.def("row_stats_", &row_stats_, py::arg("raw"), py::arg("y"), py::arg("c0"),
+          py::arg("scale"), py::arg("m"), py::arg("s"), py::arg("t"), py::arg("zy"),
+          py::arg("store_exp") = false);
+  mod.def("scale_exp", &scale_exp);
   mod.def("grad_logits", &grad_logits);
   mod.def("add_bf16_", &add_bf16_);
 }

@@ -243,15 +243,16 @@ class _NativeWeight:
             return z
         return torch.mm(hc.float(), self.w.T, out=z)
 
-    def stats_(self, hc, yc, c0, inv_t, state, buf, keep=False):
+    def stats_(self, hc, yc, c0, inv_t, state, buf, keep=False, store_exp=False):
         """Fold this slice's logits into the rows' online statistics ``state`` = (m, s, t, zy);
-        returns the raw logits block when ``keep`` (one pass: dz is built from it)."""
+        returns the raw logits block when ``keep`` (one pass: dz is built from it), or, with
+        ``store_exp`` (float32, whole rows), the block holding ``exp(z - max)`` instead."""
         if self.bf16:
             z = buf[:hc.shape[0] * self.c].view(hc.shape[0], self.c) if keep else None
             self.mod.stats_bf16_(_rows(hc), self.packed, self.c, yc, c0, inv_t, *state, z)
             return z
         z = self.logits(hc, buf)
-        self.mod.row_stats_(z, yc, c0, inv_t, *state)
+        self.mod.row_stats_(z, yc, c0, inv_t, *state, store_exp=store_exp)
         return z
 
     def grad(self, hc, yc, c0, inv_t, lse, ent, gl, ge, buf, out):
@@ -348,11 +349,14 @@ def _native_forward(mod, h, w, y, inv_t):
     return zy - lse, ent, lse
 
 
-def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
+def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w, entropy_grad):
     n, v = h.shape[0], w.shape[0]
     rows = max(1, min(n, max(_ONE_PASS_MIN_ROWS, _ONE_PASS_ELEMS // v)))
     gd = _grad_dtype(h)
     wn = _NativeWeight(mod, w)          # bf16: one packed copy of w (V*D*2 bytes)
+    # no entropy term (the usual case): the stats sweep leaves p * s = exp(z - max) in the
+    # float32 block and dz = gl (1[v = y] - p) is one multiply, not a second exp
+    store_exp = not entropy_grad and not wn.bf16
     wg = w.to(gd)
     buf = torch.empty(rows * v)
     dzbuf = None if gd == torch.float32 else torch.empty(rows * v, dtype=gd)
@@ -364,14 +368,20 @@ def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w):
         sl = slice(r0, r0 + rows)
         hr, yr = h[sl], y[sl]
         m, s, t, zy = state = _native_state(hr.shape[0])
-        z = wn.stats_(hr, yr, 0, inv_t, state, buf, keep=True)
+        z = wn.stats_(hr, yr, 0, inv_t, state, buf, keep=True, store_exp=store_exp)
         lse = m + torch.log(s)
         ent[sl] = lse - t / s
         logp[sl] = zy - lse
         gl, ge = token_grads(sl, logp[sl], ent[sl])
-        a, b = _dz_coefficients(lse, ent[sl], gl, ge)
+        gl = gl.float().contiguous()
         dz = z if dzbuf is None else dzbuf[:z.numel()].view(z.shape)
-        mod.grad_logits(z, yr, 0, inv_t, lse, a, b, gl.float().contiguous(), inv_t, dz)
+        if store_exp and ge is None:
+            mod.scale_exp(z, yr, 0, (gl * (-inv_t) / s).contiguous(), gl * inv_t, dz)
+        else:
+            if store_exp:               # an entropy gradient after all: the logits again
+                z = wn.logits(hr, buf)
+            a, b = _dz_coefficients(lse, ent[sl], gl, ge)
+            mod.grad_logits(z, yr, 0, inv_t, lse, a, b, gl, inv_t, dz)
         if need_h:
             dh[sl] = _mm_f32(dz, wg)
         if need_w:
@@ -554,7 +564,7 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
 
 
 def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
-                    need_w: bool = True):
+                    need_w: bool = True, entropy_grad: bool = True):
     """Forward *and* backward in one walk over the [N x V] plane (torch backend).
 
     For objectives whose gradient with respect to a token's log-prob and entropy is known as
@@ -565,15 +575,18 @@ def linear_one_pass(h, w, y, inv_t: float, token_grads, need_h: bool = True,
     log-sum-exp, log-prob, entropy, the objective's gradient, ``dz`` (in the logits' buffer),
     then ``dh[rows] = dz @ w`` and ``dw += dz.T @ h[rows]``: three logits-sized GEMMs in all,
     no recompute.  Workspace: one ``[rows, V]`` float32 block (``_ONE_PASS_ELEMS``, at least
-    ``_ONE_PASS_MIN_ROWS`` rows) plus cache-sized slices; ``dw`` accumulates in float32 (an extra ``[V, D]`` float32 buffer
-    only when ``w`` is not float32).
+    ``_ONE_PASS_MIN_ROWS`` rows) plus cache-sized slices; ``dw`` accumulates in float32 (an
+    extra ``[V, D]`` float32 buffer only when ``w`` is not float32).  ``entropy_grad=False``
+    promises that ``g_ent`` is None (no entropy term): the native float32 path then builds
+    ``dz`` from the stats sweep's ``exp(z - max)`` without a second exp (a ``g_ent`` after all
+    costs one more logits GEMM for that block, still exact).
 
     Returns ``(logp, ent, dh, dw)``: float32 ``[N]``, ``[N]``, and the gradients of
     ``sum(g_logp * logp + g_ent * ent)`` (``None`` where not needed).
     """
     mod = _native_for(h)
     if mod is not None:
-        return _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w)
+        return _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w, entropy_grad)
     n, v = h.shape[0], w.shape[0]
     dev = h.device
     budget = _ONE_PASS_ELEMS_CUDA if h.is_cuda else _ONE_PASS_ELEMS

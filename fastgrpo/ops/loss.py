@@ -238,6 +238,12 @@ class _Objective:
         return (self.is_level == "token" and self.egsw is None and self.loss_type != "vespo"
                 and self.top_entropy_quantile >= 1 and self.off_policy_mask_threshold is None)
 
+    @property
+    def entropy_grad(self) -> bool:
+        """Whether the loss may depend on the entropies through a differentiable path (an
+        entropy bonus or EGSW's weights); the entropy quantile's mask alone carries none."""
+        return bool(self.entropy_coef) or self.egsw is not None
+
     def restricted(self, sl: slice) -> "_Objective":
         """This objective's terms for the tokens ``sl`` only (``token_local`` objectives):
         ``sum over slices of restricted(sl)(logp[sl], ent[sl])`` is ``self(logp, ent)``."""
@@ -447,7 +453,8 @@ class _OnePassGRPO(torch.autograd.Function):
                 gl, ge = torch.autograd.grad(part, (lp, en), allow_unused=True)
             return (torch.zeros_like(logp) if gl is None else gl), ge
 
-        logp, ent, dh, dw = linear_one_pass(h, w, y, inv_t, token_grads, need_h, need_w)
+        logp, ent, dh, dw = linear_one_pass(h, w, y, inv_t, token_grads, need_h, need_w,
+                                            entropy_grad=objective.entropy_grad)
         ctx.save_for_backward(dh, dw)
         return objective(logp, ent)   # the exact value, and the metrics, from the whole batch
 
