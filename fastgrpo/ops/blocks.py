@@ -499,6 +499,8 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
     ``logits``: the ``[N, V]`` logits kept by ``linear_forward_keep`` (torch backend), read
     instead of recomputed.
     """
+    if logits is None and need_h and need_w and _fused_grad_pays(h):
+        return _native_grad_gemms(_native_for(h), h, w, y, lse, ent, gl, ge, inv_t)
     n, v = h.shape[0], w.shape[0]
     rows, cols = _block_shape(n, v, h.is_cuda)
     # the blocks go through GEMMs in h's dtype on GPU (tensor cores), float32 on CPU
@@ -523,8 +525,6 @@ def linear_backward(h, w, y, lse, ent, gl, ge, inv_t: float, backend: str,
         clamp = _needs_clamp(w)
         def grad_block(*args):  # noqa: E306
             return _torch_grad_logits(*args, clamp=clamp)
-    if logits is None and need_h and need_w and _fused_grad_pays(h):
-        return _native_grad_gemms(_native_for(h), h, w, y, lse, ent, gl, ge, inv_t)
     if logits is not None:
         kept_block = _kept_grad_block(h, logits, gdtype, min(n, rows) * min(v, cols))
     row_blocks = [slice(r0, r0 + rows) for r0 in range(0, n, rows)]
