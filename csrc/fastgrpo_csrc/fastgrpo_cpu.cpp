@@ -156,7 +156,7 @@ static inline void stats_row(const float* row, int64_t c, int64_t c0, float sc, 
 
 // dL/dz of one row segment: out = os * (gl * 1[v == y] - p * (a + b * z)), p = exp(z - lse).
 // (a = gl - ge * Ez, b = ge: the log-prob and entropy terms.)  `of` (float32, may alias row)
-// or `ob` (bf16) receives it.
+// and / or `ob` (bf16) receive it.
 static inline void dz_row(const float* row, int64_t c, int64_t c0, float sc, int64_t y,
                           float l, float a, float b, float gl, float os, float* of,
                           at::BFloat16* ob) {
@@ -176,22 +176,20 @@ static inline void dz_row(const float* row, int64_t c, int64_t c0, float sc, int
     const __mmask16 k = c - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c - j)) - 1);
     const __m512 z = _mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), vsc), vneg);
     const __m512 v = _mm512_mul_ps(exp16(_mm512_sub_ps(z, vl)), _mm512_fmadd_ps(vb, z, va));
-    if (ob)
-      _mm256_mask_storeu_epi16(ob + j, k, to_bf16(v));
-    else
-      _mm512_mask_storeu_ps(of + j, k, v);
+    if (ob) _mm256_mask_storeu_epi16(ob + j, k, to_bf16(v));
+    if (of) _mm512_mask_storeu_ps(of + j, k, v);
   }
 #else
   for (; j < c; ++j) {
     const float z = std::max(row[j] * sc, kNeg);
     const float v = fast_exp(z - l) * (ai + bi * z);
     if (ob) ob[j] = c10::BFloat16(v);
-    else of[j] = v;
+    if (of) of[j] = v;
   }
 #endif
   if (hit) {
     if (ob) ob[col] = c10::BFloat16(at_y);
-    else of[col] = at_y;
+    if (of) of[col] = at_y;
   }
 }
 
@@ -498,22 +496,13 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
         for (int64_t i = 0; i < mb; ++i) {
           const int64_t row = r0 + i;
           float* zr = z.data() + i * g;
-          dz_row(zr, gc, c0 + g0, sc, yp[row], lp[row], ap[row], bp[row], gp[row], os, zr,
-                 nullptr);
-          for (int64_t j = gc; j < k2; ++j) zr[j] = 0.f;
+          // dz in bf16 row-major [mb, G] (dh's A) and in float32 in place (for the transpose)
+          at::BFloat16* zb = za.data() + i * g;
+          dz_row(zr, gc, c0 + g0, sc, yp[row], lp[row], ap[row], bp[row], gp[row], os, zr, zb);
+          for (int64_t j = gc; j < k2; ++j) zr[j] = 0.f, zb[j] = c10::BFloat16(0.f);
         }
         for (int64_t i = mb; i < mb16; ++i) std::memset(z.data() + i * g, 0, g * sizeof(float));
-        // dz in bf16, row-major [mb, G] (dh's A) and transposed [G, rt] (dw's A)
-        for (int64_t i = 0; i < mb; ++i) {
-          const float* zr = z.data() + i * g;
-          at::BFloat16* o = za.data() + i * g;
-          int64_t j = 0;
-#if defined(__AVX512F__)
-          for (; j + 16 <= k2; j += 16)
-            _mm256_storeu_si256((__m256i*)(o + j), to_bf16(_mm512_loadu_ps(zr + j)));
-#endif
-          for (; j < k2; ++j) o[j] = c10::BFloat16(zr[j]);
-        }
+        // dz transposed, [G, rt] in bf16 (dw's A)
         for (int64_t i0 = 0; i0 < mb16; i0 += 16)
           for (int64_t j0 = 0; j0 < gc; j0 += 16) {
 #if defined(__AVX512F__)
