@@ -47,17 +47,24 @@ def test_bf16_logits_gemm_has_an_fp32_result(mod, n, d, v):
     assert float((z.double() - ref).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
 
 
+def _masked_block(r, c, g):
+    """Raw logits [r, c] with a -inf column (7) no target points at, and targets; row 4 has
+    none (-1)."""
+    raw = torch.randn(r, c, generator=g) * 3
+    raw[:, 7] = float("-inf")
+    y = torch.randint(0, c, (r,), generator=g)
+    y[y == 7] = 8
+    y[4] = -1
+    return raw, y
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.7])
 def test_row_stats_and_grad_logits_sweeps(mod, scale):
     """Online statistics over ragged column blocks (a -inf column included) and dz, fp32 and
     bf16, against float64 log-softmax algebra."""
     g = torch.Generator().manual_seed(3)
     r, c = 19, 203
-    raw = torch.randn(r, c, generator=g) * 3
-    raw[:, 7] = float("-inf")
-    y = torch.randint(0, c, (r,), generator=g)
-    y[y == 7] = 8
-    y[4] = -1                                   # a row without a target
+    raw, y = _masked_block(r, c, g)
     m = torch.full((r,), float("-inf"))
     s, t, zy = torch.zeros(r), torch.zeros(r), torch.zeros(r)
     for c0 in (0, 50, 61, 200):
@@ -99,11 +106,7 @@ def test_stored_exp_and_scale_exp_sweeps(mod, scale):
     bf16, against float64 (a -inf column and a row without a target included)."""
     g = torch.Generator().manual_seed(4)
     r, c = 21, 203
-    raw = torch.randn(r, c, generator=g) * 3
-    raw[:, 7] = float("-inf")
-    y = torch.randint(0, c, (r,), generator=g)
-    y[y == 7] = 8
-    y[4] = -1
+    raw, y = _masked_block(r, c, g)
     state = [torch.full((r,), float("-inf"))] + [torch.zeros(r) for _ in range(3)]
     ref_state = [x.clone() for x in state]
     mod.row_stats_(raw.clone(), y, 0, scale, *ref_state)
