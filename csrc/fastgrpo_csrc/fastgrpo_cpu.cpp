@@ -9,8 +9,8 @@
 //     nats of log-prob error); this keeps bf16 GEMM rates with fp32 logits.
 //   * row_stats_: one sweep over a float32 block updating each row's online max m, sum of
 //     exp(z - m), sum of exp(z - m) * z and the target logit (log-sum-exp, log-prob, entropy).
-//     With store_exp it also leaves e = exp(z - max) in the block (whole rows), from which
-//     scale_exp builds dz by one multiply when the objective has no entropy term.
+//     With store_exp it also leaves e = exp(z - max) in the block (whole rows), which the
+//     one-pass gradient GEMMs read as it is when the objective has no entropy term.
 //   * grad_logits: one sweep writing dL/dz = gl * 1[v == y] - p * (A + B z), p = exp(z - lse),
 //     in the dtype of the gradient GEMMs that consume it (bf16 or fp32; in place for fp32).
 //
@@ -571,54 +571,6 @@ void row_stats_(const at::Tensor& raw, const at::Tensor& y, int64_t c0, double s
   });
 }
 
-// dL/dz of a block of whole rows from their stored e = exp(z - m) (row_stats_ with store_exp;
-// p = e / s) when the objective has no entropy term: out = e * coef + hit * gy, hit = 1[v == y]
-// (coef = -gl * os / s, gy = gl * os).  One multiply per element instead of an exp; `out` is
-// `e` itself (float32, in place) or a bf16 block of the same shape.
-void scale_exp(const at::Tensor& e, const at::Tensor& y, int64_t c0, const at::Tensor& coef,
-               const at::Tensor& gy, at::Tensor& out) {
-  check_block(e, "scale_exp");
-  const int64_t r = e.size(0), c = e.size(1), ld = e.stride(0);
-  check_vec(y, r, at::kLong, "scale_exp y");
-  for (auto* x : {&coef, &gy}) check_vec(*x, r, at::kFloat, "scale_exp row vector");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == r && out.size(1) == c && out.stride(1) == 1 &&
-              (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
-              "scale_exp: out must be a float32 or bf16 [rows, cols] block");
-  const float* ep = e.data_ptr<float>();
-  const int64_t* yp = y.data_ptr<int64_t>();
-  const float *cp = coef.data_ptr<float>(), *gp = gy.data_ptr<float>();
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
-  const int64_t ldo = out.stride(0);
-  at::parallel_for(0, r, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const float* row = ep + i * ld;
-      const float k = cp[i];
-      const int64_t col = yp[i] - c0;
-      const bool hit = yp[i] >= 0 && col >= 0 && col < c;
-      const float at_y = hit ? row[col] * k + gp[i] : 0.f;   // before an in-place sweep
-      float* of = bf16 ? nullptr : out.data_ptr<float>() + i * ldo;
-      at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() + i * ldo : nullptr;
-      int64_t j = 0;
-#if defined(__AVX512F__)
-      const __m512 vk = _mm512_set1_ps(k);
-      for (; j + 16 <= c; j += 16) {
-        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(row + j), vk);
-        if (ob) _mm256_storeu_si256((__m256i*)(ob + j), to_bf16(v));
-        else _mm512_storeu_ps(of + j, v);
-      }
-#endif
-      for (; j < c; ++j) {
-        if (ob) ob[j] = c10::BFloat16(row[j] * k);
-        else of[j] = row[j] * k;
-      }
-      if (hit) {
-        if (ob) ob[col] = c10::BFloat16(at_y);
-        else of[col] = at_y;
-      }
-    }
-  });
-}
-
 // dL/dz (dz_row on every row) of a float32 block of raw logits into `out`: `raw` itself
 // (float32, in place) or a bf16 block of the same shape.
 void grad_logits(const at::Tensor& raw, const at::Tensor& y, int64_t c0, double scale,
@@ -683,7 +635,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("row_stats_", &row_stats_, py::arg("raw"), py::arg("y"), py::arg("c0"),
           py::arg("scale"), py::arg("m"), py::arg("s"), py::arg("t"), py::arg("zy"),
           py::arg("store_exp") = false);
-  mod.def("scale_exp", &scale_exp);
   mod.def("grad_logits", &grad_logits);
   mod.def("add_bf16_", &add_bf16_);
 }

@@ -354,9 +354,9 @@ def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w, entropy_g
     rows = max(1, min(n, max(_ONE_PASS_MIN_ROWS, _ONE_PASS_ELEMS // v)))
     gd = _grad_dtype(h)
     wn = _NativeWeight(mod, w)          # bf16: one packed copy of w (V*D*2 bytes)
-    # no entropy term (the usual case): the stats sweep leaves p * s = exp(z - max) in the
-    # float32 block and dz = gl (1[v = y] - p) is one multiply, not a second exp
-    store_exp = not entropy_grad and not wn.bf16
+    # float32 without an entropy term (the usual case): the stats sweep leaves e = exp(z - max)
+    # in the block and the gradient GEMMs read it as it is (_exp_block_grads): no dz sweep
+    store_exp = not entropy_grad and h.dtype == torch.float32
     wg = w.to(gd)
     buf = torch.empty(rows * v)
     dzbuf = None if gd == torch.float32 else torch.empty(rows * v, dtype=gd)
@@ -374,14 +374,14 @@ def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w, entropy_g
         logp[sl] = zy - lse
         gl, ge = token_grads(sl, logp[sl], ent[sl])
         gl = gl.float().contiguous()
+        if store_exp and ge is None:    # dz = gl (1[v = y] - e / s) / T
+            _exp_block_grads(z, hr, yr, gl * (-inv_t) / s, gl * inv_t, wg, dh, dw, sl, r0 == 0)
+            continue
+        if store_exp:                   # an entropy gradient after all: the logits again
+            z = wn.logits(hr, buf)
         dz = z if dzbuf is None else dzbuf[:z.numel()].view(z.shape)
-        if store_exp and ge is None:
-            mod.scale_exp(z, yr, 0, (gl * (-inv_t) / s).contiguous(), gl * inv_t, dz)
-        else:
-            if store_exp:               # an entropy gradient after all: the logits again
-                z = wn.logits(hr, buf)
-            a, b = _dz_coefficients(lse, ent[sl], gl, ge)
-            mod.grad_logits(z, yr, 0, inv_t, lse, a, b, gl, inv_t, dz)
+        a, b = _dz_coefficients(lse, ent[sl], gl, ge)
+        mod.grad_logits(z, yr, 0, inv_t, lse, a, b, gl, inv_t, dz)
         if need_h:
             dh[sl] = _mm_f32(dz, wg)
         if need_w:
@@ -395,6 +395,25 @@ def _native_one_pass(mod, h, w, y, inv_t, token_grads, need_h, need_w, entropy_g
             else:
                 mod.add_bf16_(dw, dz.T @ hr.to(gd))
     return logp, ent, dh, (None if dw is None else dw.to(w.dtype))
+
+
+def _exp_block_grads(e, hr, yr, coef, gy, w, dh, dw, sl, first):
+    """One-pass gradients of a float32 block of whole rows holding ``e = exp(z - max)``, for
+    ``dz = coef[:, None] * e + gy * 1[v = y]`` (no entropy term): the row factors go on the
+    small ``[rows, D]`` operands instead of a sweep over ``e``:
+    ``dh = coef * (e @ w) + gy * w[y]``, ``dw (+)= e.T @ (coef * h) + gy * h`` into rows y."""
+    has = (yr >= 0).nonzero().squeeze(1)
+    gy = gy[has, None]
+    if dh is not None:
+        g = torch.mm(e, w, out=dh[sl])
+        g.mul_(coef[:, None]).index_add_(0, has, gy * w[yr[has]])
+    if dw is not None:
+        hs = hr * coef[:, None]
+        if first:
+            torch.mm(e.T, hs, out=dw)
+        else:
+            dw.addmm_(e.T, hs)
+        dw.index_add_(0, yr[has], gy * hr[has])
 
 
 # ----------------------------------------------------------------------------- autograd
