@@ -473,7 +473,7 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
   const float sc = static_cast<float>(scale), os = static_cast<float>(out_scale);
   at::BFloat16* dwp = dw.data_ptr<at::BFloat16>();
   const int64_t ldw = dw.stride(0), cw = dw.size(0);
-  const int64_t lda = d + 16;   // the dw accumulator's row stride, off the 4 KiB aliasing
+  const int64_t ldacc = d + 16;   // the dw accumulator's row stride, off the 4 KiB aliasing
   const int nthreads = at::get_num_threads();
   std::vector<at::Tensor> private_dh(nthreads);
   at::parallel_for(0, groups, 1, [&](int64_t q0, int64_t q1) {
@@ -483,7 +483,7 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
       private_dh[tid] = at::zeros_like(dh);
       dhp = private_dh[tid].data_ptr<float>();
     }
-    std::vector<float> z(rt * g), acc(g * lda);
+    std::vector<float> z(rt * g), acc(g * ldacc);
     std::vector<at::BFloat16> za(rt * g), zt(g * rt);
     alignas(64) float tmp[16 * 16];
     for (int64_t q = q0; q < q1; ++q) {
@@ -523,14 +523,14 @@ void grad_gemms_bf16(const at::Tensor& h, const at::Tensor& packed, const at::Te
                                       wk + dt * c2 * kTile + g0 * kTile,
                                       dhp + r0 * d + dt * kTile, true);
         for (int64_t dt = 0; dt < d / kTile; ++dt)
-          at::native::cpublas::brgemm(gc, kTile, kr, rt, kTile, lda, r0 > 0, zt.data(),
+          at::native::cpublas::brgemm(gc, kTile, kr, rt, kTile, ldacc, r0 > 0, zt.data(),
                                       hk + dt * r2 * kTile + r0 * kTile, acc.data() + dt * kTile,
                                       true);
       }
       // this group's dw rows are complete: round them to bf16 once
       if (r == 0) std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t i = 0; i < std::min(gc, cw - g0); ++i) {
-        const float* src = acc.data() + i * lda;
+        const float* src = acc.data() + i * ldacc;
         at::BFloat16* o = dwp + (g0 + i) * ldw;
         int64_t j = 0;
 #if defined(__AVX512F__)
